@@ -1,0 +1,115 @@
+"""Learning-rate rules for a changing batch, applied on top of whatever the scheduler sets.
+
+The factor multiplies each parameter group's learning rate only for the duration of
+``optimizer.step()``; outside it, ``group["lr"]`` holds the scheduler's own value, so chainable
+schedulers (StepLR, ReduceLROnPlateau, ...) keep working on unscaled numbers and the two never fight.
+
+Rules, for a step of batch B and a base batch B0 the user's learning rate was tuned for:
+
+- ``none``:     1
+- ``linear``:   B / B0 (Goyal et al. 2017)
+- ``sqrt``:     sqrt(B / B0) (the usual rule for Adam-like optimizers)
+- ``adascale``: gain r = (sigma^2 + |G|^2) / (sigma^2 / S + |G|^2), S = B / B0, with sigma^2 the
+  gradient variance at B0 (Johnson et al. 2020, AdaScale). With sigma^2 = tr(Sigma) / B0 and
+  B_simple = tr(Sigma) / |G|^2 this is r = (B_simple / B0 + 1) / (B_simple / B + 1), in [1, S]
+  for S >= 1. Before the noise scale is known, r = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+ADAPTIVE_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop, torch.optim.SparseAdam,
+)
+
+
+def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers that rescale each coordinate by running gradient statistics."""
+    return isinstance(optimizer, ADAPTIVE_OPTIMIZERS)
+
+
+def resolve_rule(rule: str, optimizer: torch.optim.Optimizer) -> str:
+    """``auto`` becomes ``sqrt`` for adaptive optimizers and ``linear`` otherwise."""
+    if rule == "auto":
+        return "sqrt" if is_adaptive(optimizer) else "linear"
+    return rule
+
+
+def lr_factor(rule: str, batch: float, base_batch: float, noise_scale: float = math.nan) -> float:
+    """Multiplier of the base learning rate for a step of ``batch`` samples.
+
+    Example:
+        >>> lr_factor("linear", 256, 64), lr_factor("sqrt", 256, 64)
+        (4.0, 2.0)
+        >>> round(lr_factor("adascale", 256, 64, noise_scale=64.0), 4)  # S=4, r=(1+1)/(0.25+1)
+        1.6
+    """
+    ratio = batch / base_batch
+    if rule == "none":
+        return 1.0
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    if rule == "adascale":
+        if not math.isfinite(noise_scale):
+            return 1.0 if math.isnan(noise_scale) else ratio
+        return (noise_scale / base_batch + 1.0) / (noise_scale / batch + 1.0)
+    raise ValueError(f"unknown LR rule {rule!r}; use none, linear, sqrt or adascale")
+
+
+class LRScaler:
+    """Applies a batch-dependent LR factor around ``optimizer.step()``, with optional warm-up.
+
+    After the batch grows, the factor ramps linearly from its old value to the new rule's value
+    over ``warmup_steps`` optimizer steps (Goyal et al. 2017's gradual warm-up, applied per change).
+    """
+
+    def __init__(self, rule: str, base_batch: int, warmup_steps: int = 0) -> None:
+        self.rule = rule
+        self.base_batch = base_batch
+        self.warmup_steps = warmup_steps
+        self.factor = 1.0  # factor applied at the last step
+        self._ramp_from: float | None = None
+        self._ramp_start = 0
+
+    def batch_changed(self, step: int, old_batch: int, new_batch: int) -> None:
+        if self.warmup_steps > 0 and new_batch > old_batch:
+            self._ramp_from, self._ramp_start = self.factor, step
+
+    def factor_for(self, step: int, batch: int, noise_scale: float) -> float:
+        target = lr_factor(self.rule, batch, self.base_batch, noise_scale)
+        if self._ramp_from is not None:
+            done = (step - self._ramp_start + 1) / self.warmup_steps
+            if done >= 1.0:
+                self._ramp_from = None
+            else:
+                target = self._ramp_from + (target - self._ramp_from) * done
+        return target
+
+    @contextmanager
+    def applied(self, optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
+        """Scale every group's LR by ``factor`` inside the block, then restore the exact values."""
+        saved = [g["lr"] for g in optimizer.param_groups]
+        self.factor = factor
+        if factor != 1.0:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr * factor  # tensor LRs (capturable optimizers) stay tensors
+        try:
+            yield
+        finally:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "ramp_from": self._ramp_from, "ramp_start": self._ramp_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.factor, self._ramp_from, self._ramp_start = state["factor"], state["ramp_from"], state["ramp_start"]
+
