@@ -1,0 +1,331 @@
+"""Goodput, energy and Zeus policies: pick the batch with the most training progress per second or joule.
+
+Progress per sample falls as the batch grows (:func:`statistical_efficiency`); samples per second
+and per joule usually rise with it. :class:`ThroughputProfile` learns the second half online from
+windows of steps, and :class:`GoodputPolicy` multiplies the two and picks the best batch on a grid.
+:func:`make_policy` builds the policy a :class:`~adabatch.config.ControllerConfig` names.
+
+Example:
+    >>> from adabatch.config import ControllerConfig
+    >>> type(make_policy(ControllerConfig(policy="zeus", eta=0.3))).__name__
+    'GoodputPolicy'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from adabatch.config import ConfigError, ControllerConfig
+from adabatch.policy import BatchPolicy, NoiseScalePolicy, PolicyInput, round_to_granularity
+
+OBJECTIVES = ("time", "energy", "zeus")
+# Above this many multiples of the granularity, candidates are a geometric grid instead.
+MAX_CANDIDATES = 1024
+
+
+def statistical_efficiency(batch: float, base_batch: float, noise_scale: float) -> float:
+    """Training progress per sample at ``batch``, relative to ``base_batch`` (1 at the base batch).
+
+    Pollux (Qiao et al., OSDI 2021, Sec. 3.1), from McCandlish et al. (2018): reaching a given
+    loss takes S = S_min (1 + phi/M) steps, i.e. S M = S_min (M + phi) samples, at batch M with
+    noise scale phi. Progress per sample is therefore proportional to 1 / (phi + M), and relative
+    to the base batch M0
+
+        E(M) = (phi + M0) / (phi + M),
+
+    which is 1 at M = M0, about M0/M when M >> phi (extra samples are wasted) and about 1 when
+    M << phi (every sample counts). A nan noise scale gives nan.
+
+    Example:
+        >>> statistical_efficiency(batch=256, base_batch=32, noise_scale=1024.0)
+        0.825
+    """
+    if not batch > 0 or not base_batch > 0:
+        raise ValueError(f"statistical_efficiency needs batch > 0 and base_batch > 0; "
+                         f"got batch={batch!r}, base_batch={base_batch!r}.")
+    if math.isnan(noise_scale):
+        return math.nan
+    if noise_scale < 0:
+        raise ValueError(f"statistical_efficiency: noise_scale={noise_scale!r} is negative; a noise scale "
+                         "is a ratio of non-negative quantities (pass nan while it is unknown).")
+    return (noise_scale + base_batch) / (noise_scale + batch)
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """Cost of one step at batch B modelled as ``alpha + beta * B`` (seconds or joules)."""
+
+    alpha: float  # per-step overhead: launch, optimizer step, synchronisation
+    beta: float  # cost per sample
+
+    def per_step(self, batch: float) -> float:
+        return self.alpha + self.beta * batch
+
+    def per_sample(self, batch: float) -> float:
+        return self.alpha / batch + self.beta
+
+
+def fit_linear(points: Sequence[tuple[float, float]]) -> LinearFit | None:
+    """Least-squares ``y = alpha + beta * x`` with ``alpha, beta >= 0``, one weight per point.
+
+    Negative coefficients have no physical meaning (a step cannot take negative time), so when the
+    unconstrained fit has one, the better of the two boundary fits is used: through the origin
+    (beta = sum(x y) / sum(x^2)) or constant (alpha = mean y). With a single point there is no
+    slope to learn; per-step overhead is then assumed zero, i.e. a constant cost per sample
+    (alpha = 0, beta = y / x). None without points.
+
+    Example:
+        >>> fit_linear([(32, 0.096), (64, 0.128)])
+        LinearFit(alpha=0.064, beta=0.001)
+    """
+    if not points:
+        return None
+    if len(points) == 1:
+        x, y = points[0]
+        return LinearFit(0.0, y / x)
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    beta = sxy / sxx
+    alpha = my - beta * mx
+    if alpha >= 0 and beta >= 0:
+        return LinearFit(_tidy(alpha), _tidy(beta))
+    candidates = [LinearFit(0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)),
+                  LinearFit(my, 0.0)]
+    return min(candidates, key=lambda f: sum((f.per_step(x) - y) ** 2 for x, y in points))
+
+
+def _tidy(value: float) -> float:
+    # Drop float noise in the last bits so exact data gives exact coefficients (and stable ties).
+    return float(f"{value:.12g}")
+
+
+class ThroughputProfile:
+    """Seconds and joules per step at each batch size seen, with a linear model to extrapolate.
+
+    Each :meth:`observe` adds a window of steps run at one batch. Per batch the profile keeps the
+    number of steps and their total seconds (and joules, from windows that have them), fits
+    per-step cost t(B) = alpha + beta * B over the batch sizes seen with :func:`fit_linear` (one
+    point per batch size, so a long stay at one batch does not drown the others; Pollux fits the
+    same shape, Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost t(B) / B anywhere.
+
+    Example:
+        >>> profile = ThroughputProfile()
+        >>> profile.observe(batch=32, samples=3200, seconds=9.6, joules=480.0)
+        >>> profile.observe(batch=64, samples=6400, seconds=12.8, joules=704.0)
+        >>> round(profile.seconds_per_sample(128), 6), round(profile.joules_per_sample(128), 6)
+        (0.0015, 0.09)
+    """
+
+    def __init__(self) -> None:
+        self._time: dict[int, list[float]] = {}  # batch -> [steps, seconds]
+        self._energy: dict[int, list[float]] = {}  # batch -> [steps, joules, seconds]
+
+    def observe(self, batch: int, samples: int, seconds: float, joules: float | None = None) -> None:
+        """Add ``samples`` trained at ``batch`` in ``seconds`` (and ``joules``, if metered)."""
+        if not batch > 0:
+            raise ValueError(f"ThroughputProfile.observe: batch={batch!r} must be > 0.")
+        if samples == 0:
+            return  # an empty window carries no information
+        if not samples > 0 or not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"ThroughputProfile.observe: got samples={samples!r}, seconds={seconds!r}; "
+                             "need samples > 0 and a finite seconds > 0 measured over those samples.")
+        if joules is not None and not (math.isfinite(joules) and joules >= 0):
+            raise ValueError(f"ThroughputProfile.observe: joules={joules!r} must be finite and >= 0, "
+                             "or None when no meter is attached.")
+        steps = samples / batch
+        t = self._time.setdefault(int(batch), [0.0, 0.0])
+        t[0] += steps
+        t[1] += seconds
+        if joules is not None:
+            e = self._energy.setdefault(int(batch), [0.0, 0.0, 0.0])
+            e[0] += steps
+            e[1] += joules
+            e[2] += seconds
+
+    def batches(self, kind: str = "time") -> list[int]:
+        """Batch sizes with data, for ``kind`` ``"time"`` or ``"energy"``."""
+        return sorted(self._series(kind))
+
+    def _series(self, kind: str) -> dict[int, list[float]]:
+        if kind == "time":
+            return self._time
+        if kind == "energy":
+            return self._energy
+        raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
+
+    def time_fit(self) -> LinearFit | None:
+        """Seconds per step as alpha + beta * B; None before any observation."""
+        return fit_linear([(b, s / n) for b, (n, s) in sorted(self._time.items())])
+
+    def energy_fit(self) -> LinearFit | None:
+        """Joules per step as alpha + beta * B; None before any metered observation."""
+        return fit_linear([(b, j / n) for b, (n, j, _) in sorted(self._energy.items())])
+
+    def seconds_per_sample(self, batch: float) -> float:
+        fit = self.time_fit()
+        return math.nan if fit is None else fit.per_sample(batch)
+
+    def joules_per_sample(self, batch: float) -> float:
+        fit = self.energy_fit()
+        return math.nan if fit is None else fit.per_sample(batch)
+
+    def max_power_w(self) -> float:
+        """Highest mean power (joules / seconds) seen at any batch size; nan without joules."""
+        powers = [j / s for _, j, s in self._energy.values()]
+        return max(powers) if powers else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time": [[b, *v] for b, v in sorted(self._time.items())],
+                "energy": [[b, *v] for b, v in sorted(self._energy.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._time = {int(row[0]): [float(v) for v in row[1:]] for row in state["time"]}
+        self._energy = {int(row[0]): [float(v) for v in row[1:]] for row in state["energy"]}
+
+
+def candidate_batches(current: int, granularity: int, min_batch: int, max_batch: int,
+                      max_candidates: int = MAX_CANDIDATES) -> list[int]:
+    """Batches a policy may propose: every multiple of ``granularity`` in bounds, plus ``current``.
+
+    When there are more than ``max_candidates`` multiples, a geometric grid of that many points
+    (snapped to the granularity) replaces them, which keeps relative resolution constant.
+
+    Example:
+        >>> candidate_batches(current=64, granularity=32, min_batch=32, max_batch=160)
+        [32, 64, 96, 128, 160]
+    """
+    lo = round_to_granularity(min_batch, granularity, min_batch, max_batch)
+    hi = round_to_granularity(max_batch, granularity, min_batch, max_batch)
+    count = (hi - lo) // granularity + 1
+    if count <= max_candidates:
+        grid = set(range(lo, hi + 1, granularity))
+    else:
+        ratio = (hi / lo) ** (1.0 / (max_candidates - 1))
+        grid = {round_to_granularity(lo * ratio ** i, granularity, min_batch, max_batch)
+                for i in range(max_candidates)}
+    grid.add(int(current))
+    return sorted(grid)
+
+
+class GoodputPolicy(BatchPolicy):
+    """Aim at the batch with the most progress per second, per joule, or the lowest Zeus cost.
+
+    With E(B) from :func:`statistical_efficiency` (progress per sample) and per-sample seconds
+    t(B)/B and joules e(B)/B from the :class:`ThroughputProfile`, the objectives are
+
+        time   (Pollux goodput, Qiao et al. 2021):  maximise  E(B) * B / t(B)
+        energy:                                      maximise  E(B) * B / e(B)
+        zeus   (You et al., NSDI 2023):              minimise  (eta e(B) + (1 - eta) P_max t(B)) / (E(B) B)
+
+    where P_max is ``max_power_w`` (Zeus uses the GPU's maximum power limit); when it is None the
+    highest mean power observed in the profile stands in, pricing time at what this job draws at
+    its hungriest. For linear costs t(B) = a + b B the time optimum is B* = sqrt(phi a / b)
+    (set d/dB log of the goodput to zero); energy and Zeus have the same form with their own
+    coefficients, so they part ways exactly where power per sample changes with the batch.
+
+    Exploration: with one batch size in the profile, the single-point fit assumes a constant cost
+    per sample, under which a larger batch can only look worse, so the policy would never move.
+    Until two batch sizes are known it therefore proposes twice the current batch (half at the
+    upper bound) once the current batch has data, and the current batch before that. It returns
+    nan (no opinion) while the noise scale is unknown or nothing has been observed. Candidates
+    come from :func:`candidate_batches`; ties go to the smaller batch, so it is deterministic.
+
+    Example:
+        >>> policy = GoodputPolicy("time")
+        >>> for batch in (32, 64):  # per-step seconds 0.064 + 0.001 * batch, 100 steps each
+        ...     policy.observe(batch, 100 * batch, 100 * (0.064 + 0.001 * batch), None)
+        >>> policy.propose(PolicyInput(step=200, batch=64, base_batch=32, noise_scale=1024.0,
+        ...                            granularity=32, min_batch=32, max_batch=1024))
+        256.0
+    """
+
+    def __init__(self, objective: str = "time", eta: float = 0.5, max_power_w: float | None = None,
+                 profile: ThroughputProfile | None = None) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"GoodputPolicy objective={objective!r}: use one of {', '.join(OBJECTIVES)}.")
+        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+            raise ValueError(f"GoodputPolicy eta={eta!r}: use a number in [0, 1] (weight on energy).")
+        if max_power_w is not None and not (math.isfinite(max_power_w) and max_power_w > 0):
+            raise ValueError(f"GoodputPolicy max_power_w={max_power_w!r}: use watts > 0, or None to take "
+                             "the highest power observed.")
+        self.objective = objective
+        self.eta = float(eta)
+        self.max_power_w = max_power_w
+        self.profile = profile if profile is not None else ThroughputProfile()
+
+    def observe(self, batch: int, samples: int, seconds: float, joules: float | None) -> None:
+        self.profile.observe(batch, samples, seconds, joules)
+
+    def _kinds(self) -> tuple[str, ...]:
+        return {"time": ("time",), "energy": ("energy",), "zeus": ("time", "energy")}[self.objective]
+
+    def score(self, batch: int, base_batch: int, noise_scale: float) -> float:
+        """Higher is better: progress per second or per joule, or minus Zeus cost per progress."""
+        eff = statistical_efficiency(batch, base_batch, noise_scale)
+        if self.objective == "time":
+            return eff / self.profile.seconds_per_sample(batch)
+        if self.objective == "energy":
+            return eff / self.profile.joules_per_sample(batch)
+        power = self.max_power_w if self.max_power_w is not None else self.profile.max_power_w()
+        cost = (self.eta * self.profile.joules_per_sample(batch)
+                + (1.0 - self.eta) * power * self.profile.seconds_per_sample(batch))
+        return -cost / eff
+
+    def propose(self, inp: PolicyInput) -> float:
+        if not (math.isfinite(inp.noise_scale) and inp.noise_scale >= 0):
+            return math.nan
+        seen = [set(self.profile.batches(k)) for k in self._kinds()]
+        if any(not s for s in seen):
+            return math.nan
+        if any(len(s) < 2 for s in seen):
+            return self._explore(inp, seen)
+        best, best_score = inp.batch, -math.inf
+        for batch in candidate_batches(inp.batch, inp.granularity, inp.min_batch, inp.max_batch):
+            s = self.score(batch, inp.base_batch, inp.noise_scale)
+            if s > best_score:
+                best, best_score = batch, s
+        return float(best)
+
+    def _explore(self, inp: PolicyInput, seen: list[set[int]]) -> float:
+        if any(inp.batch not in s for s in seen):
+            return float(inp.batch)  # stay until the current batch has its own data point
+        up = round_to_granularity(2 * inp.batch, inp.granularity, inp.min_batch, inp.max_batch)
+        if up != inp.batch:
+            return float(up)
+        return float(round_to_granularity(inp.batch / 2, inp.granularity, inp.min_batch, inp.max_batch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.profile.load_state_dict(state["profile"])
+
+
+def make_policy(config: ControllerConfig) -> BatchPolicy:
+    """The policy ``config.policy`` names; Zeus reads ``max_power_w`` from ``config.extra`` if set.
+
+    Example:
+        >>> from adabatch.config import ControllerConfig
+        >>> make_policy(ControllerConfig(policy="energy")).objective
+        'energy'
+    """
+    if config.policy == "noise":
+        return NoiseScalePolicy(config.target_factor)
+    if config.policy == "goodput":
+        return GoodputPolicy("time")
+    if config.policy == "energy":
+        return GoodputPolicy("energy")
+    if config.policy == "zeus":
+        power = config.extra.get("max_power_w")
+        if power is not None and not (isinstance(power, (int, float)) and not isinstance(power, bool)
+                                      and math.isfinite(power) and power > 0):
+            raise ConfigError(f"ControllerConfig.extra['max_power_w']={power!r} is invalid: accepted a "
+                              "number of watts > 0, or leave it out to use the highest power observed.")
+        return GoodputPolicy("zeus", eta=config.eta, max_power_w=None if power is None else float(power))
+    raise ConfigError(f"ControllerConfig.policy={config.policy!r} has no policy; accepted noise, goodput, "
+                      "energy, zeus.")

@@ -1,0 +1,170 @@
+"""Goodput, energy and Zeus policies on synthetic profiles whose optimum is known analytically."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from adabatch.config import ConfigError, ControllerConfig
+from adabatch.goodput import (GoodputPolicy, LinearFit, ThroughputProfile, candidate_batches, fit_linear,
+                              make_policy, statistical_efficiency)
+from adabatch.policy import NoiseScalePolicy, PolicyInput
+
+# Synthetic machine: seconds per step 0.064 + 0.001 B, joules per step 4 + 1 B. Power per step
+# (4 + B) / (0.064 + 0.001 B) rises from 375 W at B=32 to 812 W at B=256, so the time-optimal and
+# energy-optimal batches differ. With linear costs a + b B the optimum is B* = sqrt(phi a / b).
+A_T, B_T = 0.064, 0.001
+A_E, B_E = 4.0, 1.0
+
+
+def synthetic_profile(batches=(32, 64, 128), steps: int = 50) -> ThroughputProfile:
+    profile = ThroughputProfile()
+    for batch in batches:
+        profile.observe(batch, steps * batch, steps * (A_T + B_T * batch), steps * (A_E + B_E * batch))
+    return profile
+
+
+def inp(noise_scale: float, batch: int = 64, granularity: int = 32, min_batch: int = 32,
+        max_batch: int = 4096, base_batch: int = 32) -> PolicyInput:
+    return PolicyInput(step=1000, batch=batch, base_batch=base_batch, noise_scale=noise_scale,
+                       granularity=granularity, min_batch=min_batch, max_batch=max_batch)
+
+
+def test_statistical_efficiency_matches_pollux_formula() -> None:
+    assert statistical_efficiency(32, 32, 500.0) == 1.0
+    assert statistical_efficiency(256, 32, 1024.0) == pytest.approx(1056 / 1280)
+    assert statistical_efficiency(256, 32, 0.0) == pytest.approx(32 / 256)  # no noise: extra samples wasted
+    assert statistical_efficiency(256, 32, 1e12) == pytest.approx(1.0)  # all noise: every sample counts
+    assert math.isnan(statistical_efficiency(256, 32, math.nan))
+    with pytest.raises(ValueError, match="batch > 0"):
+        statistical_efficiency(0, 32, 10.0)
+    with pytest.raises(ValueError, match="negative"):
+        statistical_efficiency(64, 32, -1.0)
+
+
+def test_fit_linear_recovers_exact_coefficients_and_stays_physical() -> None:
+    fit = fit_linear([(32, 0.096), (64, 0.128), (256, 0.32)])
+    assert fit == LinearFit(alpha=0.064, beta=0.001)
+    # Per-step time falling faster than proportionally would need a negative overhead: fit through 0.
+    through_origin = fit_linear([(10, 1.0), (20, 3.0)])
+    assert through_origin.alpha == 0.0 and through_origin.beta == pytest.approx(70 / 500)
+    # Per-step time shrinking with the batch would need a negative slope: constant fit.
+    flat = fit_linear([(10, 3.0), (20, 2.0)])
+    assert flat == LinearFit(alpha=2.5, beta=0.0)
+    assert fit_linear([(50, 2.0)]) == LinearFit(alpha=0.0, beta=0.04)  # one point: constant cost per sample
+    assert fit_linear([]) is None
+
+
+def test_profile_predicts_unseen_batches_and_survives_a_state_round_trip() -> None:
+    profile = synthetic_profile()
+    assert profile.batches("time") == [32, 64, 128] == profile.batches("energy")
+    assert profile.seconds_per_sample(512) == pytest.approx(A_T / 512 + B_T)
+    assert profile.joules_per_sample(512) == pytest.approx(A_E / 512 + B_E)
+    assert profile.max_power_w() == pytest.approx((A_E + 128 * B_E) / (A_T + 128 * B_T))
+
+    restored = ThroughputProfile()
+    restored.load_state_dict(json.loads(json.dumps(profile.state_dict())))
+    assert restored.seconds_per_sample(700) == profile.seconds_per_sample(700)
+    assert restored.joules_per_sample(700) == profile.joules_per_sample(700)
+
+
+def test_profile_with_one_batch_assumes_constant_cost_per_sample() -> None:
+    profile = ThroughputProfile()
+    profile.observe(64, 6400, 2.0, None)
+    assert profile.seconds_per_sample(64) == profile.seconds_per_sample(4096) == pytest.approx(2.0 / 6400)
+    assert math.isnan(profile.joules_per_sample(64)) and math.isnan(profile.max_power_w())
+
+
+def test_profile_rejects_impossible_windows_and_ignores_empty_ones() -> None:
+    profile = ThroughputProfile()
+    profile.observe(64, 0, 0.0, None)
+    assert profile.batches() == []
+    with pytest.raises(ValueError, match="seconds > 0"):
+        profile.observe(64, 640, 0.0, None)
+    with pytest.raises(ValueError, match="joules"):
+        profile.observe(64, 640, 1.0, -5.0)
+
+
+def test_time_and_energy_objectives_pick_their_analytic_optima_and_differ() -> None:
+    phi = 1024.0
+    time_choice = GoodputPolicy("time", profile=synthetic_profile()).propose(inp(phi))
+    energy_choice = GoodputPolicy("energy", profile=synthetic_profile()).propose(inp(phi))
+    assert time_choice == math.sqrt(phi * A_T / B_T) == 256.0
+    assert energy_choice == math.sqrt(phi * A_E / B_E) == 64.0
+
+
+@pytest.mark.parametrize("phi", [50.0, 300.0, 1500.0, 20000.0])
+def test_time_objective_lands_within_one_sample_of_sqrt_phi_a_over_b(phi: float) -> None:
+    policy = GoodputPolicy("time", profile=synthetic_profile())
+    choice = policy.propose(inp(phi, granularity=1, min_batch=1, max_batch=100_000))
+    optimum = math.sqrt(phi * A_T / B_T)
+    # 100_000 multiples are too many, so the candidates form a geometric grid of 1024 points.
+    gap = optimum * ((100_000 ** (1 / 1023)) - 1)  # the best grid point neighbours the optimum
+    assert abs(choice - optimum) <= max(1.0, gap)
+
+
+def test_zeus_interpolates_between_time_and_energy() -> None:
+    for phi in (100.0, 1024.0, 5000.0):
+        time_choice = GoodputPolicy("time", profile=synthetic_profile()).propose(inp(phi))
+        energy_choice = GoodputPolicy("energy", profile=synthetic_profile()).propose(inp(phi))
+        assert GoodputPolicy("zeus", eta=0.0, profile=synthetic_profile()).propose(inp(phi)) == time_choice
+        assert GoodputPolicy("zeus", eta=1.0, profile=synthetic_profile()).propose(inp(phi)) == energy_choice
+    # eta = 0.5, P = 500 W: cost per step 0.5 (4 + B) + 0.5 * 500 (0.064 + 0.001 B) = 18 + 0.75 B,
+    # so B* = sqrt(1024 * 18 / 0.75) = 156.8.
+    zeus = GoodputPolicy("zeus", eta=0.5, max_power_w=500.0, profile=synthetic_profile())
+    choice = zeus.propose(inp(1024.0, granularity=1, min_batch=1))
+    assert abs(choice - math.sqrt(1024.0 * 18 / 0.75)) <= 1.0
+
+
+def test_policy_has_no_opinion_without_noise_scale_or_data() -> None:
+    assert math.isnan(GoodputPolicy("time", profile=synthetic_profile()).propose(inp(math.nan)))
+    assert math.isnan(GoodputPolicy("time").propose(inp(1024.0)))
+    time_only = ThroughputProfile()
+    for batch in (32, 64):
+        time_only.observe(batch, 100 * batch, 1.0, None)
+    assert math.isnan(GoodputPolicy("energy", profile=time_only).propose(inp(1024.0)))
+    assert math.isnan(GoodputPolicy("zeus", profile=time_only).propose(inp(1024.0)))
+
+
+def test_policy_explores_a_second_batch_size_before_trusting_the_fit() -> None:
+    policy = GoodputPolicy("time")
+    policy.observe(32, 3200, 9.6, None)
+    assert policy.propose(inp(1024.0, batch=32)) == 64.0  # doubles once the current batch has data
+    assert policy.propose(inp(1024.0, batch=96)) == 96.0  # stays until this batch has data
+    at_top = GoodputPolicy("time")
+    at_top.observe(1024, 10240, 1.0, None)
+    assert at_top.propose(inp(1024.0, batch=1024, max_batch=1024)) == 512.0
+    policy.observe(64, 6400, 12.8, None)
+    assert policy.propose(inp(1024.0, batch=64)) == 256.0  # two sizes known: the fitted optimum
+
+
+def test_policy_is_deterministic_and_restores_from_state() -> None:
+    policy = GoodputPolicy("zeus", eta=0.3, profile=synthetic_profile())
+    first = policy.propose(inp(777.0))
+    assert policy.propose(inp(777.0)) == first
+    restored = GoodputPolicy("zeus", eta=0.3)
+    restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert restored.propose(inp(777.0)) == first
+
+
+def test_candidates_cover_the_range_on_a_geometric_grid_when_it_is_large() -> None:
+    grid = candidate_batches(current=777, granularity=1, min_batch=1, max_batch=100_000)
+    assert grid[0] == 1 and grid[-1] == 100_000 and 777 in grid
+    assert len(grid) <= 1025 and grid == sorted(set(grid))
+    assert candidate_batches(current=100, granularity=32, min_batch=40, max_batch=150) == [64, 96, 100, 128]
+
+
+def test_make_policy_maps_config_policies() -> None:
+    noise = make_policy(ControllerConfig(policy="noise", target_factor=0.25))
+    assert isinstance(noise, NoiseScalePolicy) and noise.target_factor == 0.25
+    assert make_policy(ControllerConfig(policy="goodput")).objective == "time"
+    assert make_policy(ControllerConfig(policy="energy")).objective == "energy"
+    zeus = make_policy(ControllerConfig(policy="zeus", eta=0.7, extra={"max_power_w": 300}))
+    assert (zeus.objective, zeus.eta, zeus.max_power_w) == ("zeus", 0.7, 300.0)
+    assert make_policy(ControllerConfig(policy="zeus")).max_power_w is None
+    with pytest.raises(ConfigError, match=r"extra\['max_power_w'\]"):
+        make_policy(ControllerConfig(policy="zeus", extra={"max_power_w": -1}))
+    with pytest.raises(ValueError, match="objective='speed'"):
+        GoodputPolicy("speed")
