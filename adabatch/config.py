@@ -54,6 +54,10 @@ class ControllerConfig:
     # The gap between them is the hysteresis band that keeps a noisy estimate from thrashing.
     grow_threshold: float = 1.5
     shrink_threshold: float = 0.5
+    # Move only when the target is this many standard errors outside the band (0: point estimate).
+    confidence_z: float = 2.0
+    # Consecutive decisions the target must stay outside the band before the batch moves.
+    patience: int = 3
     # Largest factor by which one decision may change the batch.
     max_change_factor: float = 2.0
     # Optimizer steps after a change during which the batch stays put.
@@ -95,6 +99,9 @@ class ControllerConfig:
                self.shrink_threshold, "a number in (0, 1)")
         _check(_finite(self.max_change_factor) and self.max_change_factor > 1, "max_change_factor",
                self.max_change_factor, "a number > 1")
+        _check(_finite(self.confidence_z) and self.confidence_z >= 0, "confidence_z", self.confidence_z,
+               "a number >= 0")
+        _check(_is_int(self.patience) and self.patience >= 1, "patience", self.patience, "an integer >= 1")
         _check(_is_int(self.cooldown_steps) and self.cooldown_steps >= 0, "cooldown_steps", self.cooldown_steps,
                "an integer >= 0")
         _check(_finite(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in [0, 1)")

@@ -26,6 +26,7 @@ estimator needs b < B. No other step registers a hook or reads a value from the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -409,7 +410,13 @@ class AdaptiveBatchController:
             inp = PolicyInput(step=self.steps, batch=self.batch_size, base_batch=self.base_batch,
                               noise_scale=self.estimator.b_simple, granularity=self.granularity,
                               min_batch=self.min_batch, max_batch=self.max_batch)
-            new = self.hysteresis.decide(inp, self.policy.propose(inp))
+            low, high = self.estimator.b_simple_bounds(self.config.confidence_z)
+            new = self.hysteresis.decide(
+                inp, self.policy.propose(inp),
+                # targets rise with the noise scale, so its bounds map to the target's bounds
+                low=self.policy.propose(dataclasses.replace(inp, noise_scale=low)),
+                high=self.policy.propose(dataclasses.replace(inp, noise_scale=high)),
+            )
             if new != self.batch_size:
                 self.lr.batch_changed(self.steps, self.batch_size, new)
                 self.batch_size = new

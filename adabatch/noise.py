@@ -51,10 +51,14 @@ def _check_sizes(b: float, big_b: float) -> None:
 
 
 class BiasCorrectedEMA:
-    """Exponential moving average with Adam-style bias correction.
+    """Exponential moving average with Adam-style bias correction, and its standard error.
 
     m_t = decay m_{t-1} + (1 - decay) x_t and value = m_t / (1 - decay^t), so early values are not
     pulled toward zero. ``decay=0`` keeps the last value only.
+
+    The value is a weighted mean with weights w_i = (1 - decay) decay^(t-i) / (1 - decay^t); for
+    independent x_i its variance is Var(x) * sum w_i^2, with Var(x) from the same weights applied to
+    x^2. ``stderr`` is its square root (inf until two values are in).
 
     Example:
         >>> ema = BiasCorrectedEMA(0.9)
@@ -67,21 +71,38 @@ class BiasCorrectedEMA:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
         self.mean = 0.0
+        self.mean_sq = 0.0
         self.weight = 0.0  # 1 - decay^t, kept directly to avoid pow on every update
+        self.weight_sq = 0.0  # sum of squared raw weights (1 - decay)^2 decay^(2(t-i))
 
     def update(self, x: float) -> None:
-        self.mean = self.decay * self.mean + (1.0 - self.decay) * x
-        self.weight = self.decay * self.weight + (1.0 - self.decay)
+        d = self.decay
+        self.mean = d * self.mean + (1.0 - d) * x
+        self.mean_sq = d * self.mean_sq + (1.0 - d) * x * x
+        self.weight = d * self.weight + (1.0 - d)
+        self.weight_sq = d * d * self.weight_sq + (1.0 - d) ** 2
 
     @property
     def value(self) -> float:
         return self.mean / self.weight if self.weight > 0 else math.nan
 
+    @property
+    def stderr(self) -> float:
+        if self.weight <= 0:
+            return math.nan
+        share = self.weight_sq / self.weight**2  # sum of normalised squared weights, 1/n_eff
+        if share >= 1.0 - 1e-12:
+            return math.inf
+        mean = self.value
+        var = max(self.mean_sq / self.weight - mean * mean, 0.0) / (1.0 - share)  # unbiased weighted variance
+        return math.sqrt(var * share)
+
     def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "weight": self.weight}
+        return {"mean": self.mean, "mean_sq": self.mean_sq, "weight": self.weight, "weight_sq": self.weight_sq}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean, self.weight = state["mean"], state["weight"]
+        self.mean, self.mean_sq = state["mean"], state["mean_sq"]
+        self.weight, self.weight_sq = state["weight"], state["weight_sq"]
 
 
 class NoiseScaleEstimator:
@@ -131,6 +152,25 @@ class NoiseScaleEstimator:
         if g <= 0:
             return math.inf
         return max(tr, 0.0) / g
+
+    def b_simple_bounds(self, z: float = 1.0) -> tuple[float, float]:
+        """A conservative z-sigma interval for B_simple from the two terms' standard errors.
+
+        tr(Sigma) and |G|^2 are each moved z standard errors toward the unfavourable side; the
+        bounds are the ratios of those extremes (wider than the delta method, never narrower).
+        Before any data: (nan, nan). With z = 0: the point estimate twice.
+        """
+        g, tr = self.grad_sq, self.trace_sigma
+        if math.isnan(g) or math.isnan(tr):
+            return math.nan, math.nan
+        sg, st = z * self.grad_sq_ema.stderr, z * self.trace_ema.stderr
+        if z == 0:
+            sg = st = 0.0
+        g_lo, g_hi = g - sg, g + sg
+        t_lo, t_hi = max(tr - st, 0.0), max(tr + st, 0.0)
+        low = t_lo / g_hi if g_hi > 0 else math.inf
+        high = t_hi / g_lo if g_lo > 0 else math.inf
+        return low, high
 
     def state_dict(self) -> dict[str, Any]:
         return {

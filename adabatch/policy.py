@@ -79,35 +79,51 @@ def round_to_granularity(batch: float, granularity: int, min_batch: int, max_bat
 class Hysteresis:
     """Turns a policy's targets into batch changes without thrashing.
 
-    Rules, in order: no decision while the target is unknown or a cooldown runs; grow only when
-    ``target >= grow_threshold * batch``, shrink only when ``target <= shrink_threshold * batch``;
-    the step is capped at ``max_change_factor`` and snapped to the granularity and bounds.
+    Rules, in order: no decision while the target is unknown (nan) or a cooldown runs; grow only when
+    the target's lower bound is ``>= grow_threshold * batch``, shrink only when its upper bound is
+    ``<= shrink_threshold * batch``;
+    the target must stay on the same side of the band for ``patience`` consecutive decisions; the
+    step is capped at ``max_change_factor`` and snapped to the granularity and bounds.
     """
 
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.last_change_step: int | None = None
+        self.streak = 0  # consecutive decisions outside the band, signed: + grow, - shrink
 
-    def decide(self, inp: PolicyInput, target: float) -> int:
+    def decide(self, inp: PolicyInput, target: float, low: float | None = None, high: float | None = None) -> int:
+        """New batch for ``target``; ``low``/``high`` bound the target's uncertainty.
+
+        The batch grows only if even ``low`` clears the grow threshold and shrinks only if even
+        ``high`` is under the shrink threshold, so an estimate that is merely noisy never moves it.
+        """
         cfg = self.config
-        if not math.isfinite(target) or target <= 0:
-            return inp.batch
+        low = target if low is None else low
+        high = target if high is None else high
+        if math.isnan(target) or target <= 0:
+            return inp.batch  # no opinion; +inf (no signal left in the mean gradient) means grow
         if self.last_change_step is not None and inp.step - self.last_change_step < cfg.cooldown_steps:
             return inp.batch
         batch = inp.batch
-        if target >= cfg.grow_threshold * batch:
+        if low >= cfg.grow_threshold * batch:
+            self.streak = max(self.streak, 0) + 1
             wanted = min(target, batch * cfg.max_change_factor)
-        elif target <= cfg.shrink_threshold * batch:
+        elif high <= cfg.shrink_threshold * batch:
+            self.streak = min(self.streak, 0) - 1
             wanted = max(target, batch / cfg.max_change_factor)
         else:
+            self.streak = 0
+            return batch
+        if abs(self.streak) < cfg.patience:
             return batch
         new = round_to_granularity(wanted, inp.granularity, inp.min_batch, inp.max_batch)
         if new != batch:
             self.last_change_step = inp.step
+            self.streak = 0
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_change_step": self.last_change_step}
+        return {"last_change_step": self.last_change_step, "streak": self.streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_change_step = state["last_change_step"]
+        self.last_change_step, self.streak = state["last_change_step"], state["streak"]
