@@ -161,6 +161,7 @@ class AdaptiveBatchController:
         self._energy0 = self._read_energy()
         self._window = (0, 0.0, self._energy0)  # samples, seconds, joules at the last flush
         self._amp_found: Tensor | None = None
+        optimizer.zero_grad(set_to_none=True)  # stale gradients would leak into the first step
         self._reset_step_state()
         self._plan_step()
 
@@ -200,14 +201,15 @@ class AdaptiveBatchController:
             self._uneven = True
         self._step_samples += n
         self._micro += 1
-        scaled = loss * (n / (self.micro_batch_size * self._k))
+        self._losses.append(loss.detach())
+        self._sizes.append(n)
+        scale = n / (self.micro_batch_size * self._k)
+        scaled = loss * scale if scale != 1.0 else loss
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward()
         if self.capture.armed:
             self.capture.end_micro_batch()
-        detached = loss.detach()
-        self._loss_sum = detached * n if self._loss_sum is None else self._loss_sum + detached * n
         if self._micro + 1 == self._k:
             self._set_grad_sync(True)
 
@@ -218,7 +220,7 @@ class AdaptiveBatchController:
         if self._micro > self._k:
             raise RuntimeError(f"{self._micro} micro-batches were accumulated for a step of {self._k}; call "
                                "controller.step() after every controller.backward().")
-        loss_value: Any = self._loss_sum / self._step_samples
+        loss_value: Any = self._step_loss()
         if self.on_nonfinite != "ignore":
             loss_value = float(loss_value)
             if not math.isfinite(loss_value):
@@ -238,7 +240,8 @@ class AdaptiveBatchController:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        with self.lr.applied(self.optimizer, factor):
+        saved = self.lr.apply(self.optimizer, factor)
+        try:
             applied_lr = self.optimizer.param_groups[0]["lr"]
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -246,6 +249,8 @@ class AdaptiveBatchController:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+        finally:
+            self.lr.restore(self.optimizer, saved)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -350,7 +355,17 @@ class AdaptiveBatchController:
         self._micro = 0
         self._step_samples = 0
         self._uneven = False
-        self._loss_sum: Tensor | None = None
+        self._losses: list[Tensor] = []
+        self._sizes: list[int] = []
+
+    def _step_loss(self) -> Tensor:
+        """Sample-weighted mean loss of the step, one device op at most."""
+        losses = self._losses
+        if len(losses) == 1:
+            return losses[0]
+        if not self._uneven:
+            return torch.stack(losses).mean()
+        return sum(l * n for l, n in zip(losses, self._sizes)) / self._step_samples
 
     def _plan_step(self) -> None:
         """Fix the next step's micro-batch count and whether it is measured; arm hooks if so."""

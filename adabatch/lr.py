@@ -18,8 +18,7 @@ Rules, for a step of batch B and a base batch B0 the user's learning rate was tu
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -93,19 +92,19 @@ class LRScaler:
                 target = self._ramp_from + (target - self._ramp_from) * done
         return target
 
-    @contextmanager
-    def applied(self, optimizer: torch.optim.Optimizer, factor: float) -> Iterator[None]:
-        """Scale every group's LR by ``factor`` inside the block, then restore the exact values."""
+    def apply(self, optimizer: torch.optim.Optimizer, factor: float) -> list[Any]:
+        """Scale every group's LR by ``factor``; return the exact values for :meth:`restore`."""
         saved = [g["lr"] for g in optimizer.param_groups]
         self.factor = factor
         if factor != 1.0:
             for g, lr in zip(optimizer.param_groups, saved):
                 g["lr"] = lr * factor  # tensor LRs (capturable optimizers) stay tensors
-        try:
-            yield
-        finally:
-            for g, lr in zip(optimizer.param_groups, saved):
-                g["lr"] = lr
+        return saved
+
+    @staticmethod
+    def restore(optimizer: torch.optim.Optimizer, saved: list[Any]) -> None:
+        for g, lr in zip(optimizer.param_groups, saved):
+            g["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         return {"factor": self.factor, "ramp_from": self._ramp_from, "ramp_start": self._ramp_start}

@@ -45,7 +45,10 @@ def plot_training(
     if metric is None:
         metric = next((k for r in history for k in (r.get("metrics") or {})), None)
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
-    axes[0].step(samples, [r["batch"] for r in history], where="post", color="tab:blue")
+    # A measured step planned with one micro-batch takes two; plotting those would hide the
+    # planned trajectory under a comb of spikes, so the batch and LR panels skip them.
+    planned = [(s, r) for s, r in zip(samples, history) if not r.get("measured")] or list(zip(samples, history))
+    axes[0].step([s for s, _ in planned], [r["batch"] for _, r in planned], where="post", color="tab:blue")
     axes[0].set_ylabel("batch size")
     axes[0].set_yscale("log", base=2)
     noise = [(s, r["b_simple"]) for s, r in zip(samples, history) if _finite(r.get("b_simple"))]
@@ -53,7 +56,7 @@ def plot_training(
         axes[1].plot(*zip(*noise), color="tab:orange")
         axes[1].set_yscale("log")
     axes[1].set_ylabel("noise scale\nB_simple")
-    axes[2].plot(samples, [r["lr"] for r in history], color="tab:green")
+    axes[2].plot([s for s, _ in planned], [r["lr"] for _, r in planned], color="tab:green")
     axes[2].set_ylabel("learning rate")
     pts = [(s, (r.get("metrics") or {})[metric]) for s, r in zip(samples, history)
            if metric and metric in (r.get("metrics") or {})]
