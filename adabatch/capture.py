@@ -71,20 +71,27 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
 class GradNormCapture:
     """Collects the summed |g_i|^2 of the micro-batches of one measured step.
 
+    Two ways to reduce a micro-batch, chosen by model size. Small models are bound by per-op
+    launch cost: the hooks only keep references to the incoming gradients and one
+    ``_foreach_norm`` per micro-batch reduces them all (incoming gradients live until the end of
+    that backward pass, at most one extra gradient's memory). Models above ``inline_above``
+    parameters are bound by memory: each hook reduces its own gradient at once and keeps a scalar.
+
     Example:
         >>> lin = torch.nn.Linear(3, 1)
         >>> cap = GradNormCapture(list(lin.parameters()))
         >>> cap.arm()
         >>> lin(torch.ones(1, 3)).sum().backward(); cap.end_micro_batch()
-        >>> cap.disarm(); cap.count
-        1
+        >>> cap.disarm(); cap.count, float(cap.small_sum())  # |d/dw|^2 + |d/db|^2 = 3 + 1
+        (1, 4.0)
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], inline_above: int = 50_000_000) -> None:
         self.params = [p for p in params if p.requires_grad]
+        self.inline = sum(p.numel() for p in self.params) > inline_above
         self._handles: list = []
         self._parts: list[Tensor] = []
-        self.small_sum: Tensor | None = None
+        self._per_micro: list[Tensor] = []
         self.count = 0
 
     @property
@@ -93,28 +100,36 @@ class GradNormCapture:
 
     def arm(self, precond: Sequence[Tensor | None] | None = None) -> None:
         self.disarm()
-        self.small_sum, self.count = None, 0
+        self._per_micro, self.count = [], 0
         for i, p in enumerate(self.params):
             self._handles.append(p.register_hook(self._hook(precond[i] if precond is not None else None)))
 
     def _hook(self, pc: Tensor | None):
-        parts = self._parts
-        if pc is None:
-            def hook(g: Tensor) -> None:
-                parts.append(_sq_norm(g))
-        else:
-            def hook(g: Tensor) -> None:
-                parts.append(_sq_norm(g * pc))
+        parts, inline = self._parts, self.inline
+
+        def hook(g: Tensor) -> None:
+            if pc is not None:
+                g = g * pc
+            parts.append(_sq_norm(g) if inline or g.is_sparse else g)
+
         return hook
 
     def end_micro_batch(self) -> None:
-        """Close one micro-batch: fold its per-parameter parts into the running sum."""
-        if not self._parts:
+        """Close one micro-batch: reduce its parts to squared norms on the device."""
+        parts = self._parts
+        if not parts:
             return
-        total = torch.stack(self._parts).sum() if len(self._parts) > 1 else self._parts[0]
-        self._parts.clear()
-        self.small_sum = total if self.small_sum is None else self.small_sum + total
+        if self.inline or any(p.dim() == 0 for p in parts):
+            sq = torch.stack([p if p.dim() == 0 else _sq_norm(p) for p in parts])
+        else:
+            sq = torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float32)).square()
+        parts.clear()
+        self._per_micro.append(sq)
         self.count += 1
+
+    def small_sum(self) -> Tensor:
+        """Sum over the step's micro-batches of |g_i|^2, a 0-dim device tensor."""
+        return torch.cat(self._per_micro).sum()
 
     def disarm(self) -> None:
         for h in self._handles:

@@ -383,25 +383,27 @@ class AdaptiveBatchController:
         self._set_grad_sync(k == 1)
 
     def _measure(self) -> Tensor | None:
-        """(mean |G_b|^2, |G_B|^2) of this step as one device tensor, unscaled; None if unusable."""
+        """[sum_i |g_i|^2, |G_B|^2(, loss scale)] of this step as one device tensor; None if unusable."""
         cap = self.capture
-        if self._uneven or cap.count != self._k or cap.small_sum is None:
+        if self._uneven or cap.count != self._k:
             return None  # unequal micro-batches break the two-size estimator; skip this one
-        big = accumulated_sq_norm(cap.params, self._precond)
-        # hooks saw (1/k) * scale * g_i; the accumulated grad is scale * G_B
-        small = cap.small_sum * (self._k * self._k / cap.count)
-        if self.scaler is not None:
-            inv = 1.0 / self.scaler._get_scale_async() ** 2
-            small, big = small * inv, big * inv
-        return torch.stack([small, big])
+        parts = [cap.small_sum(), accumulated_sq_norm(cap.params, self._precond)]
+        if self.scaler is not None:  # update() rescales in place after the step: keep this step's value
+            parts.append(self.scaler._get_scale_async().reshape(()).float())
+        return torch.stack(parts)
 
     def _flush(self, measurement: Tensor) -> None:
         """The one host sync of a measured step: fold the measurement in, decide, emit records."""
         if self.world_size > 1:
             measurement = measurement.clone()
             torch.distributed.all_reduce(measurement, group=self.process_group)
-            measurement /= self.world_size  # small: mean over ranks; big: identical on every rank
-        small_sq, big_sq = measurement.tolist()
+            measurement /= self.world_size  # small: mean over ranks; big and scale: identical on every rank
+        values = measurement.tolist()
+        # hooks saw (1/k) * scale * g_i; the accumulated gradient is scale * G_B
+        small_sq = values[0] * self._k * self._k / self.capture.count
+        big_sq = values[1]
+        if len(values) == 3:
+            small_sq, big_sq = small_sq / values[2] ** 2, big_sq / values[2] ** 2
         b = float(self.micro_batch_size)
         big_b = float(self._k * self.micro_batch_size * self.world_size)
         self.estimator.update(small_sq, big_sq, b, big_b)
@@ -425,13 +427,13 @@ class AdaptiveBatchController:
             inp = PolicyInput(step=self.steps, batch=self.batch_size, base_batch=self.base_batch,
                               noise_scale=self.estimator.b_simple, granularity=self.granularity,
                               min_batch=self.min_batch, max_batch=self.max_batch)
-            low, high = self.estimator.b_simple_bounds(self.config.confidence_z)
-            new = self.hysteresis.decide(
-                inp, self.policy.propose(inp),
+            def bounds() -> tuple[float, float]:
                 # targets rise with the noise scale, so its bounds map to the target's bounds
-                low=self.policy.propose(dataclasses.replace(inp, noise_scale=low)),
-                high=self.policy.propose(dataclasses.replace(inp, noise_scale=high)),
-            )
+                low, high = self.estimator.b_simple_bounds(self.config.confidence_z)
+                return (self.policy.propose(dataclasses.replace(inp, noise_scale=low)),
+                        self.policy.propose(dataclasses.replace(inp, noise_scale=high)))
+
+            new = self.hysteresis.decide(inp, self.policy.propose(inp), bounds)
             if new != self.batch_size:
                 self.lr.batch_changed(self.steps, self.batch_size, new)
                 self.batch_size = new

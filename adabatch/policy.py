@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from adabatch.config import ControllerConfig
 
@@ -91,20 +91,22 @@ class Hysteresis:
         self.last_change_step: int | None = None
         self.streak = 0  # consecutive decisions outside the band, signed: + grow, - shrink
 
-    def decide(self, inp: PolicyInput, target: float, low: float | None = None, high: float | None = None) -> int:
-        """New batch for ``target``; ``low``/``high`` bound the target's uncertainty.
+    def decide(self, inp: PolicyInput, target: float,
+               bounds: Callable[[], tuple[float, float]] | None = None) -> int:
+        """New batch for ``target``; ``bounds()`` gives the target's (low, high) uncertainty.
 
         The batch grows only if even ``low`` clears the grow threshold and shrinks only if even
         ``high`` is under the shrink threshold, so an estimate that is merely noisy never moves it.
+        ``bounds`` is called only when the point target is outside the band.
         """
         cfg = self.config
-        low = target if low is None else low
-        high = target if high is None else high
         if math.isnan(target) or target <= 0:
             return inp.batch  # no opinion; +inf (no signal left in the mean gradient) means grow
         if self.last_change_step is not None and inp.step - self.last_change_step < cfg.cooldown_steps:
             return inp.batch
         batch = inp.batch
+        outside = target >= cfg.grow_threshold * batch or target <= cfg.shrink_threshold * batch
+        low, high = bounds() if outside and bounds is not None else (target, target)
         if low >= cfg.grow_threshold * batch:
             self.streak = max(self.streak, 0) + 1
             wanted = min(target, batch * cfg.max_change_factor)
