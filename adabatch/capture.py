@@ -30,8 +30,13 @@ def _sq_norm(g: Tensor) -> Tensor:
     return torch.dot(flat, flat)
 
 
-def accumulated_sq_norm(params: Sequence[Tensor], precond: Sequence[Tensor | None] | None = None) -> Tensor:
-    """|sum of grads|^2 over ``params`` (optionally preconditioned), as a 0-dim float32 tensor."""
+def sum_of_squares(norms: Sequence[Tensor]) -> Tensor:
+    """Sum of the squares of 0-dim and 1-dim norm tensors, as one 0-dim tensor."""
+    return torch.cat([n.reshape(-1) for n in norms]).square().sum()
+
+
+def accumulated_norms(params: Sequence[Tensor], precond: Sequence[Tensor | None] | None = None) -> list[Tensor]:
+    """Per-parameter norms of the accumulated gradients (optionally preconditioned), float32."""
     grads, pcs = [], []
     for i, p in enumerate(params):
         if p.grad is None:
@@ -43,9 +48,13 @@ def accumulated_sq_norm(params: Sequence[Tensor], precond: Sequence[Tensor | Non
     if any(pc is not None for pc in pcs):
         grads = [g * pc if pc is not None else g for g, pc in zip(grads, pcs)]
     if any(g.is_sparse for g in grads):
-        return torch.stack([_sq_norm(g) for g in grads]).sum()
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return torch.stack(norms).square().sum()
+        return [_sq_norm(g).sqrt() for g in grads]
+    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+
+
+def accumulated_sq_norm(params: Sequence[Tensor], precond: Sequence[Tensor | None] | None = None) -> Tensor:
+    """|sum of grads|^2 over ``params`` (optionally preconditioned), as a 0-dim float32 tensor."""
+    return sum_of_squares(accumulated_norms(params, precond))
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
@@ -115,21 +124,24 @@ class GradNormCapture:
         return hook
 
     def end_micro_batch(self) -> None:
-        """Close one micro-batch: reduce its parts to squared norms on the device."""
+        """Close one micro-batch: reduce its parts to per-parameter norms on the device."""
         parts = self._parts
         if not parts:
             return
         if self.inline or any(p.dim() == 0 for p in parts):
-            sq = torch.stack([p if p.dim() == 0 else _sq_norm(p) for p in parts])
+            self._per_micro.append(torch.stack([p if p.dim() == 0 else _sq_norm(p) for p in parts]).sqrt())
         else:
-            sq = torch.stack(torch._foreach_norm(parts, 2, dtype=torch.float32)).square()
+            self._per_micro.extend(torch._foreach_norm(parts, 2, dtype=torch.float32))
         parts.clear()
-        self._per_micro.append(sq)
         self.count += 1
+
+    def norms(self) -> list[Tensor]:
+        """Every norm taken this step (0-dim or 1-dim float32 tensors); their squares sum to sum_i |g_i|^2."""
+        return self._per_micro
 
     def small_sum(self) -> Tensor:
         """Sum over the step's micro-batches of |g_i|^2, a 0-dim device tensor."""
-        return torch.cat(self._per_micro).sum()
+        return sum_of_squares(self._per_micro)
 
     def disarm(self) -> None:
         for h in self._handles:

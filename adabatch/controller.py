@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from adabatch.capture import GradNormCapture, accumulated_sq_norm, adam_preconditioner
+from adabatch.capture import GradNormCapture, accumulated_norms, adam_preconditioner
 from adabatch.config import ConfigError, ControllerConfig
 from adabatch.lr import LRScaler, is_adaptive, resolve_rule
 from adabatch.noise import NoiseScaleEstimator
@@ -358,11 +358,13 @@ class AdaptiveBatchController:
         self._losses: list[Tensor] = []
         self._sizes: list[int] = []
 
-    def _step_loss(self) -> Tensor:
-        """Sample-weighted mean loss of the step, one device op at most."""
+    def _step_loss(self) -> Tensor | float:
+        """Sample-weighted mean loss of the step: a float on CPU, else one device op at most."""
         losses = self._losses
         if len(losses) == 1:
             return losses[0]
+        if losses[0].device.type == "cpu":  # no device to sync with: plain floats are cheapest
+            return math.fsum(l.item() * n for l, n in zip(losses, self._sizes)) / self._step_samples
         if not self._uneven:
             return torch.stack(losses).mean()
         return sum(l * n for l, n in zip(losses, self._sizes)) / self._step_samples
@@ -383,27 +385,31 @@ class AdaptiveBatchController:
         self._set_grad_sync(k == 1)
 
     def _measure(self) -> Tensor | None:
-        """[sum_i |g_i|^2, |G_B|^2(, loss scale)] of this step as one device tensor; None if unusable."""
+        """Squares of every norm of this step in one device tensor (see :meth:`_flush`); None if unusable."""
         cap = self.capture
         if self._uneven or cap.count != self._k:
             return None  # unequal micro-batches break the two-size estimator; skip this one
-        parts = [cap.small_sum(), accumulated_sq_norm(cap.params, self._precond)]
+        small, big = cap.norms(), accumulated_norms(cap.params, self._precond)
+        self._layout = (sum(n.numel() for n in small), sum(n.numel() for n in big))
+        parts = [n.reshape(-1) for n in small + big]
         if self.scaler is not None:  # update() rescales in place after the step: keep this step's value
-            parts.append(self.scaler._get_scale_async().reshape(()).float())
-        return torch.stack(parts)
+            parts.append(self.scaler._get_scale_async().reshape(-1).float())
+        return torch.cat(parts).square()
 
     def _flush(self, measurement: Tensor) -> None:
         """The one host sync of a measured step: fold the measurement in, decide, emit records."""
+        n_small, n_big = self._layout
         if self.world_size > 1:
             measurement = measurement.clone()
             torch.distributed.all_reduce(measurement, group=self.process_group)
             measurement /= self.world_size  # small: mean over ranks; big and scale: identical on every rank
         values = measurement.tolist()
         # hooks saw (1/k) * scale * g_i; the accumulated gradient is scale * G_B
-        small_sq = values[0] * self._k * self._k / self.capture.count
-        big_sq = values[1]
-        if len(values) == 3:
-            small_sq, big_sq = small_sq / values[2] ** 2, big_sq / values[2] ** 2
+        small_sq = math.fsum(values[:n_small]) * self._k * self._k / self.capture.count
+        big_sq = math.fsum(values[n_small:n_small + n_big])
+        if len(values) > n_small + n_big:
+            scale_sq = values[-1]
+            small_sq, big_sq = small_sq / scale_sq, big_sq / scale_sq
         b = float(self.micro_batch_size)
         big_b = float(self._k * self.micro_batch_size * self.world_size)
         self.estimator.update(small_sq, big_sq, b, big_b)
