@@ -86,39 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     storage_arg(lst)
     lst.set_defaults(func=_list)
 
-    show = ss.add_parser("show", help="a study's settings and every trial")
-    show.add_argument("name", metavar="NAME")
-    storage_arg(show)
-    show.set_defaults(func=_show)
+    def named(action: str, func, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand that takes a study NAME and --storage."""
+        sub = ss.add_parser(action, **kwargs)
+        sub.add_argument("name", metavar="NAME")
+        storage_arg(sub)
+        sub.set_defaults(func=func)
+        return sub
 
-    best = ss.add_parser("best", help="the best trial, or the Pareto front for several objectives")
-    best.add_argument("name", metavar="NAME")
-    storage_arg(best)
-    best.set_defaults(func=_best)
+    named("show", _show, help="a study's settings and every trial")
+    named("best", _best, help="the best trial, or the Pareto front for several objectives")
 
-    export = ss.add_parser("export", help="write a trial's ControllerConfig as JSON",
-                           description="Write the config of the best trial (or --trial N) with "
-                                       "ControllerConfig.save; load it with ControllerConfig.load(path).")
-    export.add_argument("name", metavar="NAME")
+    export = named("export", _export, help="write a trial's ControllerConfig as JSON",
+                   description="Write the config of the best trial (or --trial N) with "
+                               "ControllerConfig.save; load it with ControllerConfig.load(path).")
     export.add_argument("--trial", type=int, metavar="N", help="trial number (needed when there is a Pareto front)")
     export.add_argument("-o", "--output", required=True, metavar="config.json", help="file to write")
-    storage_arg(export)
-    export.set_defaults(func=_export)
 
-    plot = ss.add_parser("plot", help="Pareto front, parameter importances and a trial's curves",
-                         description="Write PNGs and index.html, one self-contained page embedding them: the Pareto "
-                                     "front (or objective per trial), parameter importances, and the batch size, "
-                                     "noise scale, learning rate and metric of the best trial (or --trial N).")
-    plot.add_argument("name", metavar="NAME")
+    plot = named("plot", _plot, help="Pareto front, parameter importances and a trial's curves",
+                 description="Write PNGs and index.html, one self-contained page embedding them: the Pareto "
+                             "front (or objective per trial), parameter importances, and the batch size, "
+                             "noise scale, learning rate and metric of the best trial (or --trial N).")
     plot.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write into")
     plot.add_argument("--trial", type=int, metavar="N", help="trial whose curves to draw (default: the best)")
-    storage_arg(plot)
-    plot.set_defaults(func=_plot)
-
-    delete = ss.add_parser("delete", help="remove a study and its stored traces")
-    delete.add_argument("name", metavar="NAME")
-    storage_arg(delete)
-    delete.set_defaults(func=_delete)
+    named("delete", _delete, help="remove a study and its stored traces")
     return parser
 
 
