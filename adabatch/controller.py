@@ -161,6 +161,7 @@ class AdaptiveBatchController:
         self._energy0 = self._read_energy()
         self._window = (0, 0.0, self._energy0)  # samples, seconds, joules at the last flush
         self._amp_found: Tensor | None = None
+        self._in_force = (math.nan, math.nan, math.nan)  # estimates stamped on each step's record
         optimizer.zero_grad(set_to_none=True)  # stale gradients would leak into the first step
         self._reset_step_state()
         self._plan_step()
@@ -258,8 +259,8 @@ class AdaptiveBatchController:
         self.samples += step_batch
         self._pending.append(StepRecord(
             step=self.steps, samples=self.samples, batch=step_batch, micro_batches=self._k,
-            micro_batch_size=self.micro_batch_size, b_simple=math.nan, grad_sq=math.nan, trace_sigma=math.nan,
-            lr=float(applied_lr), loss=loss_value, measured=measurement is not None,
+            micro_batch_size=self.micro_batch_size, b_simple=self._in_force[0], grad_sq=self._in_force[1],
+            trace_sigma=self._in_force[2], lr=float(applied_lr), loss=loss_value, measured=measurement is not None,
             seconds=self._elapsed(),
         ))
         self.steps += 1
@@ -331,6 +332,7 @@ class AdaptiveBatchController:
         self._energy_offset = state["energy_j"] or 0.0
         self._window = (self.samples, self._elapsed(), self._read_energy())
         self.estimator.load_state_dict(state["estimator"])
+        self._in_force = (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma)
         self.hysteresis.load_state_dict(state["hysteresis"])
         self.lr.load_state_dict(state["lr"])
         self.policy.load_state_dict(state["policy"])
@@ -424,8 +426,8 @@ class AdaptiveBatchController:
         self._window = (self.samples, seconds, joules)
 
         rec = self._pending[-1]
-        rec.b_simple, rec.grad_sq, rec.trace_sigma = self.estimator.b_simple, self.estimator.grad_sq, \
-            self.estimator.trace_sigma
+        self._in_force = (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma)
+        rec.b_simple, rec.grad_sq, rec.trace_sigma = self._in_force
         rec.energy_j = self._energy_since_start()
         rec.energy_source = getattr(self.energy_meter, "source", None)
 

@@ -368,3 +368,6 @@ def test_callbacks_receive_every_step_in_order():
             ctl.step()
     ctl.flush()
     assert seen == list(range(ctl.steps)) and ctl.steps == 10
+    # every record carries the estimate in force after its step, not only the measured ones
+    assert all(math.isfinite(r.b_simple) for r in ctl.history)
+    assert [r.b_simple for r in ctl.history[:3]] == [ctl.history[0].b_simple] * 3
