@@ -52,11 +52,6 @@ def accumulated_norms(params: Sequence[Tensor], precond: Sequence[Tensor | None]
     return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
 
-def accumulated_sq_norm(params: Sequence[Tensor], precond: Sequence[Tensor | None] | None = None) -> Tensor:
-    """|sum of grads|^2 over ``params`` (optionally preconditioned), as a 0-dim float32 tensor."""
-    return sum_of_squares(accumulated_norms(params, precond))
-
-
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
     """1 / (sqrt(v / (1 - beta2^t)) + eps) per parameter, or None until every one has Adam state."""
     group_of = {}
@@ -91,7 +86,7 @@ class GradNormCapture:
         >>> cap = GradNormCapture(list(lin.parameters()))
         >>> cap.arm()
         >>> lin(torch.ones(1, 3)).sum().backward(); cap.end_micro_batch()
-        >>> cap.disarm(); cap.count, float(cap.small_sum())  # |d/dw|^2 + |d/db|^2 = 3 + 1
+        >>> cap.disarm(); cap.count, float(sum_of_squares(cap.norms()))  # |d/dw|^2 + |d/db|^2 = 3 + 1
         (1, 4.0)
     """
 
@@ -138,10 +133,6 @@ class GradNormCapture:
     def norms(self) -> list[Tensor]:
         """Every norm taken this step (0-dim or 1-dim float32 tensors); their squares sum to sum_i |g_i|^2."""
         return self._per_micro
-
-    def small_sum(self) -> Tensor:
-        """Sum over the step's micro-batches of |g_i|^2, a 0-dim device tensor."""
-        return sum_of_squares(self._per_micro)
 
     def disarm(self) -> None:
         for h in self._handles:

@@ -21,7 +21,8 @@ the N samples of the step, as one big batch of N would give it.
 
 Measurement. Every ``measure_every``-th optimizer step arms the norm hooks; a measured step always
 has at least two micro-batches (a step planned with one takes two), because the two-batch-size
-estimator needs b < B. No other step registers a hook or reads a value from the device.
+estimator needs b < B. No other step registers a hook; the only value read back per step is the
+step's mean loss for the NaN/inf check (``on_nonfinite="ignore"`` drops that read as well).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from adabatch.capture import GradNormCapture, accumulated_norms, adam_preconditioner
 from adabatch.config import ConfigError, ControllerConfig
-from adabatch.lr import LRScaler, is_adaptive, resolve_rule
+from adabatch.lr import LRScaler, resolve_rule
 from adabatch.noise import NoiseScaleEstimator
 from adabatch.policy import BatchPolicy, Hysteresis, NoiseScalePolicy, PolicyInput, round_to_granularity
 from adabatch.telemetry import StepRecord, Telemetry
@@ -428,7 +429,7 @@ class AdaptiveBatchController:
         rec = self._pending[-1]
         self._in_force = (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma)
         rec.b_simple, rec.grad_sq, rec.trace_sigma = self._in_force
-        rec.energy_j = self._energy_since_start()
+        rec.energy_j = self._energy_since_start(joules)
         rec.energy_source = getattr(self.energy_meter, "source", None)
 
         if self.estimator.measurements >= self.config.warmup_measurements:
@@ -491,8 +492,8 @@ class AdaptiveBatchController:
     def _read_energy(self) -> float | None:
         return None if self.energy_meter is None else float(self.energy_meter.read_joules())
 
-    def _energy_since_start(self) -> float | None:
-        now = self._read_energy()
+    def _energy_since_start(self, now: float | None = None) -> float | None:
+        now = self._read_energy() if now is None else now
         return None if now is None else self._energy_offset + now - self._energy0
 
 

@@ -574,8 +574,6 @@ def run_study(spec: StudySpec, storage: str = DEFAULT_STORAGE, *, n_trials: int 
         >>> run_study(spec, url, n_trials=1, progress=False).trials[0].state.name
         'COMPLETE'
     """
-    import optuna
-
     study = create_or_load(spec, storage, study_name)
     traces = TraceStore(storage)
     total = n_trials or spec.n_trials

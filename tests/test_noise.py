@@ -33,6 +33,34 @@ def test_bias_corrected_ema_has_no_startup_bias():
     assert ema.value == pytest.approx(7.0)
 
 
+def test_ema_stderr_matches_the_spread_of_the_ema_over_independent_runs():
+    g = torch.Generator().manual_seed(0)
+    values, stderrs = [], []
+    for _ in range(400):
+        ema = BiasCorrectedEMA(0.9)
+        for x in (3.0 + 2.0 * torch.randn(60, generator=g)).tolist():
+            ema.update(x)
+        values.append(ema.value)
+        stderrs.append(ema.stderr)
+    spread = float(torch.tensor(values).std())
+    # stationary EMA of iid data: std = sigma * sqrt((1 - d) / (1 + d)) = 2 * 0.229
+    assert spread == pytest.approx(2.0 * math.sqrt(0.1 / 1.9), rel=0.15)
+    assert sum(stderrs) / len(stderrs) == pytest.approx(spread, rel=0.15)
+
+
+def test_noise_scale_bounds_bracket_the_point_estimate_and_widen_with_z():
+    est = NoiseScaleEstimator(0.9)
+    g = torch.Generator().manual_seed(1)
+    smalls = (11.0 + torch.randn(50, generator=g)).tolist()
+    bigs = (2.0 + 0.1 * torch.randn(50, generator=g)).tolist()
+    for small, big in zip(smalls, bigs):
+        est.update(small, big, 10, 100)
+    lo1, hi1 = est.b_simple_bounds(1.0)
+    lo2, hi2 = est.b_simple_bounds(2.0)
+    assert lo2 < lo1 < est.b_simple < hi1 < hi2
+    assert est.b_simple_bounds(0.0) == (pytest.approx(est.b_simple), pytest.approx(est.b_simple))
+
+
 def test_estimator_rejects_and_counts_nonfinite_measurements():
     est = NoiseScaleEstimator(0.5)
     est.update(11.0, 2.0, 10, 100)
