@@ -66,8 +66,19 @@ class ControllerConfig:
     ema_decay: float = 0.9
     # Measurements before the first decision.
     warmup_measurements: int = 5
-    # Measure the noise scale every this many optimizer steps (the rest run hook-free).
+    # Measure the noise scale at most every this many optimizer steps (the rest do no extra work).
     measure_every: int = 4
+    # Largest share of training time measurements may take: the interval between measured steps
+    # stretches (up to max_measure_every, never below measure_every) until their timed cost fits. None: every measure_every
+    # steps exactly, which makes runs with fixed seeds reproducible bit for bit.
+    measure_budget: float | None = 0.005
+    max_measure_every: int = 64
+    # Largest micro-batch (samples per process) the controller may grow to; None keeps the
+    # micro-batch the controller was given. Growth needs the loader to follow the controller
+    # (``controller.batch_sampler``). On CUDA, growth also stops where the measured peak memory
+    # predicts more than ``memory_fraction`` of the device's memory.
+    max_micro_batch: int | None = None
+    memory_fraction: float = 0.9
     # Learning-rate rule: auto picks sqrt for adaptive optimizers (Adam family), linear otherwise.
     lr_rule: str = "auto"
     # Optimizer steps over which the LR factor ramps to its new value after the batch grows.
@@ -109,6 +120,14 @@ class ControllerConfig:
                self.warmup_measurements, "an integer >= 1")
         _check(_is_int(self.measure_every) and self.measure_every >= 1, "measure_every", self.measure_every,
                "an integer >= 1")
+        _check(self.measure_budget is None or (_finite(self.measure_budget) and 0 < self.measure_budget < 1),
+               "measure_budget", self.measure_budget, "None or a number in (0, 1)")
+        _check(_is_int(self.max_measure_every) and self.max_measure_every >= 1, "max_measure_every",
+               self.max_measure_every, "an integer >= 1")
+        _check(self.max_micro_batch is None or (_is_int(self.max_micro_batch) and self.max_micro_batch >= 1),
+               "max_micro_batch", self.max_micro_batch, "None or an integer >= 1")
+        _check(_finite(self.memory_fraction) and 0 < self.memory_fraction <= 1, "memory_fraction",
+               self.memory_fraction, "a number in (0, 1]")
         _check(self.lr_rule in LR_RULES, "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
         _check(_is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0, "lr_warmup_steps",
                self.lr_warmup_steps, "an integer >= 0")

@@ -78,6 +78,11 @@ class LRScaler:
         self._ramp_from: float | None = None
         self._ramp_start = 0
 
+    @property
+    def ramping(self) -> bool:
+        """True while a warm-up ramp is under way (the factor changes every step)."""
+        return self._ramp_from is not None
+
     def batch_changed(self, step: int, old_batch: int, new_batch: int) -> None:
         if self.warmup_steps > 0 and new_batch > old_batch:
             self._ramp_from, self._ramp_start = self.factor, step

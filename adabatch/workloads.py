@@ -307,8 +307,7 @@ def train(
     for cb in callbacks:
         ctl.add_callback(cb)
     budget = sample_budget or wl.sample_budget
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
+    sampler = ctl.batch_sampler(len(data.x_train), seed=seed)
     evals: list[dict[str, float]] = []
     best = -math.inf if wl.higher_is_better else math.inf
     hit: dict[str, Any] | None = None
@@ -317,9 +316,8 @@ def train(
     t0 = time.perf_counter()
     done = False
     while not done:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - wl.micro_batch + 1, wl.micro_batch):
-            idx = perm[i:i + wl.micro_batch]
+        for idx in sampler:
+            idx = torch.tensor(idx)
             loss = wl.loss(model(data.x_train[idx]), data.y_train[idx])
             ctl.backward(loss)
             if not ctl.step():

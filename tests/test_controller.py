@@ -29,7 +29,7 @@ def _data(n: int, seed: int = 0):
 
 
 def _fixed(batch: int, **kw) -> ControllerConfig:
-    return ControllerConfig(initial_batch=batch, min_batch=batch, max_batch=batch, **kw)
+    return ControllerConfig(initial_batch=batch, min_batch=batch, max_batch=batch, measure_budget=None, **kw)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -176,7 +176,7 @@ def _linreg_run(noise_schedule, steps: int, cfg: ControllerConfig, dim: int = 16
 
 
 def test_controller_grows_when_noise_rises_and_shrinks_when_it_falls():
-    cfg = ControllerConfig(initial_batch=32, min_batch=16, max_batch=1024, cooldown_steps=20, measure_every=1,
+    cfg = ControllerConfig(initial_batch=32, min_batch=16, max_batch=1024, cooldown_steps=20, measure_every=1, measure_budget=None,
                            ema_decay=0.8)
     # B_simple = 16 (1 + s) + 1: about 100 for s=4, 1000 for s=60
     batches = _linreg_run(lambda s: 4.0 if s < 400 else (60.0 if s < 900 else 4.0), 1400, cfg)
@@ -186,7 +186,7 @@ def test_controller_grows_when_noise_rises_and_shrinks_when_it_falls():
 
 
 def test_controller_does_not_oscillate_on_a_noisy_constant_signal():
-    cfg = ControllerConfig(initial_batch=32, min_batch=16, max_batch=1024)  # default knobs otherwise
+    cfg = ControllerConfig(initial_batch=32, min_batch=16, max_batch=1024, measure_budget=None)  # fixed cadence, default knobs otherwise
     for seed in (3, 4):
         batches = _linreg_run(lambda s: 8.0, 3000, cfg, seed=seed)  # B_simple ~ 145: target ~ 72
         changes = [b for a, b in zip(batches, batches[1:]) if a != b]
@@ -302,7 +302,7 @@ def _make(seed: int = 0):
     model = _mlp(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=500)
-    cfg = ControllerConfig(initial_batch=8, max_batch=256, cooldown_steps=5, measure_every=2, warmup_measurements=2,
+    cfg = ControllerConfig(initial_batch=8, max_batch=256, cooldown_steps=5, measure_every=2, measure_budget=None, warmup_measurements=2,
                            target_factor=2.0, lr_warmup_steps=3)
     return model, opt, sched, AdaptiveBatchController(model, opt, 8, cfg, scheduler=sched)
 

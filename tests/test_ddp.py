@@ -14,8 +14,8 @@ from torch import nn
 from adabatch import AdaptiveBatchController, ControllerConfig
 
 DIM, MICRO, STEPS = 16, 8, 1200
-CFG = dict(initial_batch=16, min_batch=16, max_batch=512, measure_every=1, cooldown_steps=10, ema_decay=0.99,
-           lr_rule="none")  # a fixed small LR keeps |w - w*| (hence the true noise scale) nearly constant
+CFG = dict(initial_batch=16, min_batch=16, max_batch=512, measure_every=1, measure_budget=None, cooldown_steps=10,
+           ema_decay=0.99, lr_rule="none")  # a fixed small LR keeps |w - w*| (hence the true noise scale) nearly constant
 
 
 def _free_port() -> int:
@@ -54,8 +54,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             ctl.backward(0.5 * ((ddp(x).squeeze(1) - y) ** 2).mean())
             if ctl.step():
                 trajectory.append(ctl.batch_size)
+        # the default, timed measurement cadence: each rank times itself, yet they must stay in lockstep
+        timed = AdaptiveBatchController(ddp, opt, MICRO, ControllerConfig(**{**CFG, "measure_budget": 0.005,
+                                                                                "max_measure_every": 16}))
+        while timed.steps < 300:
+            x, y = next(data)
+            timed.backward(0.5 * ((ddp(x).squeeze(1) - y) ** 2).mean())
+            timed.step()
+        timed.flush()
         torch.save({"trajectory": trajectory, "weight": ddp.module.weight.detach().clone(),
-                    "noise": ctl.noise_scale, "granularity": ctl.granularity}, f"{out}/rank{rank}.pt")
+                    "noise": ctl.noise_scale, "granularity": ctl.granularity,
+                    "timed": [(r.batch, r.measured) for r in timed.history],
+                    "interval": timed.measure_interval}, f"{out}/rank{rank}.pt")
         dist.barrier()  # tearing gloo down while the peer is still in its last collective aborts it
     finally:
         dist.destroy_process_group()
@@ -75,3 +85,5 @@ def test_ddp_ranks_agree_on_every_decision_and_on_the_weights(tmp_path):
     exact = (DIM * (delta_sq + 9.0) + delta_sq) / delta_sq
     assert 0.7 * exact < r0["noise"] < 1.3 * exact
     assert r0["noise"] == r1["noise"]
+    assert r0["timed"] == r1["timed"] and r0["interval"] == r1["interval"]
+    assert r0["interval"] > 1, "measuring a 16-weight model costs more than 0.5 % of its steps"

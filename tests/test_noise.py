@@ -93,7 +93,7 @@ def test_estimate_matches_analytic_noise_on_linear_regression():
     dim, noise_var, delta_sq = 16, 4.0, 1.0
     model = _frozen_linreg(delta_sq, noise_var, dim)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # frozen weights: the truth stays put
-    cfg = ControllerConfig(measure_every=1, ema_decay=0.99, initial_batch=64, min_batch=64, max_batch=64)
+    cfg = ControllerConfig(measure_every=1, measure_budget=None, ema_decay=0.99, initial_batch=64, min_batch=64, max_batch=64)
     ctl = AdaptiveBatchController(model, opt, micro_batch_size=8, config=cfg)
     batches = _linreg_batches(dim, noise_var, 8, seed=1)
     while ctl.steps < 1500:
@@ -134,7 +134,7 @@ def _estimate_frozen(model, data, micro: int, k: int, steps: int, autocast: bool
     """Controller estimate at fixed weights, micro-batches drawn with replacement from the train set."""
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = micro * k
-    cfg = ControllerConfig(measure_every=1, ema_decay=0.99, initial_batch=batch, min_batch=batch, max_batch=batch)
+    cfg = ControllerConfig(measure_every=1, measure_budget=None, ema_decay=0.99, initial_batch=batch, min_batch=batch, max_batch=batch)
     ctl = AdaptiveBatchController(model, opt, micro_batch_size=micro, config=cfg)
     g = torch.Generator().manual_seed(seed)
     n = len(data.x_train)
