@@ -135,18 +135,18 @@ def train_fixed(wl: Workload, data: Data, seed: int, batch: int, budget: int, ev
 
 def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig, budget: int, eval_every: int,
                    method: str) -> dict[str, Any]:
-    """The same loop under :class:`AdaptiveBatchController`: micro-batches of the workload's size."""
+    """The same loop under :class:`AdaptiveBatchController`, its sampler choosing each micro-batch."""
     torch.manual_seed(seed)
     model = wl.make_model()
     opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr)
     meter = detect_meter() if config.policy in ("energy", "zeus") else None
     ctl = AdaptiveBatchController(model, opt, micro_batch_size=wl.micro_batch, config=config, energy_meter=meter)
     rec = Recorder(wl, data, method, seed, budget, eval_every)
-    gen = torch.Generator().manual_seed(seed)
-    x, y, n, b = data.x_train, data.y_train, len(data.x_train), wl.micro_batch
-    for perm in _epochs(n, gen):
-        for i in range(0, n - b + 1, b):
-            idx = perm[i:i + b]
+    x, y = data.x_train, data.y_train
+    sampler = ctl.batch_sampler(len(x), seed=seed)
+    while not rec.done:
+        for idx in sampler:
+            idx = torch.tensor(idx)
             loss = wl.loss(model(x[idx]), y[idx])
             ctl.backward(loss)
             if not ctl.step():
@@ -158,8 +158,6 @@ def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig
                 rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(), **extra)
                 if rec.done:
                     break
-        if rec.done:
-            break
     ctl.flush()
     history = ctl.history
     keep = history[:: max(1, len(history) // TRAJECTORY_POINTS)]

@@ -9,8 +9,10 @@ so slow spells of the machine hit every method alike; each process uses one thre
 
 Methods: ``fixed-B`` (a sweep of batch sizes, LR scaled from the workload's base batch by the
 linear rule for SGD, sqrt for Adam), ``heuristic`` (double the batch when the epoch loss falls
-below a threshold), ``adabatch`` (``ControllerConfig()``), ``adabatch-energy``
-(``policy="energy"``), ``adabatch-tuned`` (a config file, when given), and the peers ``adascale``
+below a threshold), ``adabatch`` (``ControllerConfig()`` with the micro-batch free to grow with the
+batch, ``max_micro_batch``), ``adabatch-goodput`` (the time-optimal goodput policy),
+``adabatch-energy`` (``policy="energy"``, progress per joule), ``adabatch-tuned`` (a config file,
+when given, with the same micro-batch growth), and the peers ``adascale``
 and ``adaptdl`` when their packages import in the peers' interpreter (``--peer-python``, else
 ``$ADABATCH_PEER_PYTHON``, ``.venv-peers/bin/python``, ``/tmp/venv-peers/bin/python``, or this one).
 """
@@ -101,7 +103,7 @@ def plan(suite: dict[str, Any], methods: list[str] | None, tuned: Path | None,
     for name in suite["workloads"]:
         wl = get_workload(name)
         names = [f"fixed-{wl.micro_batch * 2 ** k}" for k in range(suite["sweep"])]
-        names += ["heuristic", "adabatch", "adabatch-energy"]
+        names += ["heuristic", "adabatch", "adabatch-goodput", "adabatch-energy"]
         if tuned is not None and tuned_config(tuned, name) is not None:
             names.append("adabatch-tuned")
         names += [p for p, info in peers.items() if info["available"]]
@@ -134,9 +136,12 @@ def run_one(method: str, workload: str, seed: int, spec: dict[str, Any], tuned: 
     if method == "heuristic":
         return loops.train_fixed(wl, data, seed, wl.micro_batch, budget, every, heuristic=HEURISTIC,
                                  method="heuristic")
-    config = {"adabatch": ControllerConfig(), "adabatch-energy": ControllerConfig(policy="energy")}.get(method)
+    config = {"adabatch": ControllerConfig(), "adabatch-goodput": ControllerConfig(policy="goodput"),
+              "adabatch-energy": ControllerConfig(policy="energy")}.get(method)
     if method == "adabatch-tuned":
         config = tuned_config(tuned, workload)
+    if config is not None:  # memory is no limit on these workloads: let the micro-batch follow the batch
+        config = config.replace(max_micro_batch=config.max_batch)
     if config is None:
         raise ValueError(f"unknown method {method!r}")
     return loops.train_adabatch(wl, data, seed, config, budget, every, method)
