@@ -176,6 +176,7 @@ class AdaptiveBatchController:
         self._energy0 = self._read_energy()
         self._window = (0, 0, 0.0, self._energy0)  # steps, samples, seconds, joules at the last measurement
         self.measure_interval = config.measure_every  # steps between measurements, stretched by the budget
+        self.measure_seconds = 0.0  # time spent in measurement work, as timed by the controller
         self._measure_cost: float | None = None  # smoothed seconds of measurement work per measured step
         self._measure_seconds = 0.0  # measurement work of the step in progress
         self._flush_seconds = 0.0  # the last measured step's decision time
@@ -415,6 +416,7 @@ class AdaptiveBatchController:
             "micro_batch_size": self._micro_size, "noise_scale": self.noise_scale,
             "measurements": self.estimator.measurements, "rejected_measurements": self.estimator.rejected,
             "measure_interval": self.measure_interval,
+            "measure_share": self.measure_seconds / max(self._elapsed(), 1e-9),
             "skipped_steps": self.skipped_steps, "amp_skipped_steps": self.amp_skipped_steps,
             "lr_rule": self.lr_rule, "noise_kind": self.noise_kind,
             "energy_source": getattr(self.energy_meter, "source", None),
@@ -457,19 +459,20 @@ class AdaptiveBatchController:
         self.base_batch = state["base_batch"]
         self.lr.base_batch = self.base_batch
         self.steps, self.samples = state["steps"], state["samples"]
-        self._next_measure = state["next_measure"]
+        self._next_measure = state.get("next_measure", self.steps)  # absent from 0.1 checkpoints
         self.skipped_steps, self.amp_skipped_steps = state["skipped_steps"], state["amp_skipped_steps"]
         self._t0 = time.perf_counter()
         self._seconds_offset = state["seconds"]
         self._energy0 = self._read_energy()
         self._energy_offset = state["energy_j"] or 0.0
         self._window = (self.steps, self.samples, self._elapsed(), self._read_energy())
-        self.measure_interval = state["measure_interval"]
+        self.measure_interval = state.get("measure_interval", self.config.measure_every)
         self.estimator.load_state_dict(state["estimator"])
         self.hysteresis.load_state_dict(state["hysteresis"])
         self.lr.load_state_dict(state["lr"])
         self.policy.load_state_dict(state["policy"])
-        self.memory.load_state_dict(state["memory"])
+        if "memory" in state:
+            self.memory.load_state_dict(state["memory"])
         self.telemetry.restart(self.steps, self.samples,
                                (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma))
         self._factor_batch = -1
@@ -620,6 +623,7 @@ class AdaptiveBatchController:
         interval of cost / (budget * step_seconds) steps keeps the share at the budget.
         """
         cfg = self.config
+        self.measure_seconds += cost
         if cfg.measure_budget is not None and step_seconds > 0:
             self._measure_cost = cost if self._measure_cost is None else 0.8 * self._measure_cost + 0.2 * cost
             wanted = math.ceil(self._measure_cost / (cfg.measure_budget * step_seconds))
