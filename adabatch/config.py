@@ -56,7 +56,8 @@ class ControllerConfig:
     shrink_threshold: float = 0.5
     # Move only when the target is this many standard errors outside the band (0: point estimate).
     confidence_z: float = 2.0
-    # Consecutive decisions the target must stay outside the band before the batch moves.
+    # Consecutive decisions the target must stay outside the band before the batch moves. Counted
+    # at the measure_every cadence: measurements spaced further apart need proportionally fewer.
     patience: int = 3
     # Largest factor by which one decision may change the batch.
     max_change_factor: float = 2.0
@@ -64,7 +65,7 @@ class ControllerConfig:
     cooldown_steps: int = 50
     # Decay of the separate EMAs of |G|^2 and tr(Sigma), per measurement.
     ema_decay: float = 0.9
-    # Measurements before the first decision.
+    # Measurements before the first decision (at the measure_every cadence, as patience).
     warmup_measurements: int = 5
     # Measure the noise scale at most every this many optimizer steps (the rest do no extra work).
     measure_every: int = 4

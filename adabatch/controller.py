@@ -596,7 +596,11 @@ class AdaptiveBatchController:
         self.telemetry.measured(self.steps - 1, estimates, self._energy_since_start(joules),
                                 getattr(self.energy_meter, "source", None))
 
-        if self.estimator.measurements >= self.config.warmup_measurements:
+        # warm-up and patience count measurements at the measure_every cadence: when the budget
+        # spaces measurements further apart, fewer of them (at least 2 and 1) span the same steps
+        spread = self.config.measure_every / self.measure_interval
+        warmup = self.config.warmup_measurements
+        if self.estimator.measurements >= max(min(2, warmup), math.ceil(warmup * spread)):
             inp = PolicyInput(step=self.steps, batch=self.batch_size, base_batch=self.base_batch,
                               noise_scale=self.estimator.b_simple, granularity=self.granularity,
                               min_batch=self.min_batch, max_batch=self.max_batch)
@@ -606,7 +610,8 @@ class AdaptiveBatchController:
                 return (self.policy.propose(dataclasses.replace(inp, noise_scale=low)),
                         self.policy.propose(dataclasses.replace(inp, noise_scale=high)))
 
-            new = self.hysteresis.decide(inp, self.policy.propose(inp), bounds)
+            new = self.hysteresis.decide(inp, self.policy.propose(inp), bounds,
+                                         patience=max(1, math.ceil(self.config.patience * spread)))
             if new != self.batch_size:
                 self.lr.batch_changed(self.steps, self.batch_size, new)
                 self.batch_size = new

@@ -92,12 +92,13 @@ class Hysteresis:
         self.streak = 0  # consecutive decisions outside the band, signed: + grow, - shrink
 
     def decide(self, inp: PolicyInput, target: float,
-               bounds: Callable[[], tuple[float, float]] | None = None) -> int:
+               bounds: Callable[[], tuple[float, float]] | None = None, patience: int | None = None) -> int:
         """New batch for ``target``; ``bounds()`` gives the target's (low, high) uncertainty.
 
         The batch grows only if even ``low`` clears the grow threshold and shrinks only if even
         ``high`` is under the shrink threshold, so an estimate that is merely noisy never moves it.
-        ``bounds`` is called only when the point target is outside the band.
+        ``bounds`` is called only when the point target is outside the band. ``patience`` overrides
+        the config's (the controller lowers it when measurements are spaced further apart).
         """
         cfg = self.config
         if math.isnan(target) or target <= 0:
@@ -116,7 +117,7 @@ class Hysteresis:
         else:
             self.streak = 0
             return batch
-        if abs(self.streak) < cfg.patience:
+        if abs(self.streak) < (cfg.patience if patience is None else patience):
             return batch
         new = round_to_granularity(wanted, inp.granularity, inp.min_batch, inp.max_batch)
         if new != batch:

@@ -465,7 +465,7 @@ class TrialRunner:
         def on_eval(ev: dict[str, float]) -> None:
             writer.flush_all()
             if single and spec.pruner != "none":
-                trial.report(float(ev[wl.metric]), step=int(ev["samples"]))
+                trial.report(float(ev[wl.metric]), step=int(ev["due"]))  # the same steps in every trial
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"{wl.metric}={ev[wl.metric]:.4g} at {int(ev['samples'])} samples")
 

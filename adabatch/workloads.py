@@ -325,12 +325,13 @@ def train(
             if bar is not None:
                 bar.update(ctl.samples - bar.n)
             if ctl.samples >= next_eval or ctl.samples >= budget:
+                due = min(next_eval, budget)  # steps overshoot it; trials compare at the same point
                 next_eval += eval_every
                 value = evaluate(wl, model, data)
                 ctl.log_metrics(**{wl.metric: value})
                 best = max(best, value) if wl.higher_is_better else min(best, value)
                 stats = ctl.stats()
-                ev = {"step": ctl.steps, "samples": ctl.samples, "seconds": time.perf_counter() - t0,
+                ev = {"step": ctl.steps, "samples": ctl.samples, "due": due, "seconds": time.perf_counter() - t0,
                       wl.metric: value, "batch": ctl.batch_size, "noise_scale": stats["noise_scale"],
                       "energy_j": ctl.energy_joules if ctl.energy_meter is not None else math.nan}
                 evals.append(ev)
