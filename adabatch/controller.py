@@ -25,11 +25,12 @@ samples do not add up to P (a short last batch), the gradients are multiplied by
 step. Either way the optimizer sees exactly the mean gradient over the N samples of the step, as one
 big batch of N would give it.
 
-Measurement. Every ``measure_every``-th optimizer step is measured: it always has at least two
-micro-batches (a step planned as one is split, or takes two), and the squared gradient norm is read
-from ``.grad`` after its first micro-batch and at the step (:mod:`adabatch.gradnorm`), with one
-read-back at the step. No hook is ever registered. The only value read back on other steps is the
-step's mean loss for the NaN/inf check (``on_nonfinite="ignore"`` drops that read as well).
+Measurement. A measured step always has at least two micro-batches (a step planned as one is split,
+or takes two); each micro-batch but the last is taken alone from ``.grad`` and the sum at the step
+(:mod:`adabatch.gradnorm`), with one read-back at the step. No hook is ever registered. Measured
+steps come every ``measure_every`` steps, or further apart while the controller's own timing says
+they would take more than ``measure_budget`` of the training time. The only value read back on other
+steps is the step's mean loss for the NaN/inf check (``on_nonfinite="ignore"`` drops that read as well).
 """
 
 from __future__ import annotations

@@ -437,7 +437,7 @@ def make_pruner(spec: StudySpec) -> Any:
 class TrialRunner:
     """The objective function: config from the trial, one training run, trace and results stored.
 
-    It sees only configs and run results; the controller's hooks stay inside ``train``.
+    It sees only configs and run results; the controller's internals stay inside ``train``.
     """
 
     def __init__(self, spec: StudySpec, traces: TraceStore, study_name: str) -> None:
