@@ -236,7 +236,7 @@ class AdaptiveBatchController:
         """
         if size is None:
             ahead, k, micro = self._micro + len(self._issued), self._k, self._micro_size
-            step, next_measure, measured = self.steps, self._next_measure, self._measuring
+            step, next_measure, measured = self.steps, self._next_measure, self._norms is not None
             while ahead >= k:  # walk the plan forward to the step this micro-batch will belong to
                 ahead -= k
                 if measured:
@@ -533,7 +533,6 @@ class AdaptiveBatchController:
             moments = adam_second_moments(self.optimizer, self._params)
             measure = moments is not None  # no second moments before the first Adam step
         self._norms = MicroBatchNorms(self._params, moments) if measure else None
-        self._measuring = measure
         self._k, self._micro_size = self._plan_for(measure)
         self._planned = self._k * self._micro_size
         if self._ddp:

@@ -62,13 +62,11 @@ class AdaptiveBatchSampler:
         while pos < self.num_samples:
             n = ctl.next_micro_batch_size()
             left = (self.num_samples - pos) // world
-            if left < n:
-                if self.drop_last or left == 0:
-                    ctl.discard_issued(last=1)
-                    return
+            if left < n:  # the pass ends here: a short batch, or none
                 ctl.discard_issued(last=1)
-                ctl.next_micro_batch_size(left)
-                n = left
+                if self.drop_last or left == 0:
+                    return
+                n = ctl.next_micro_batch_size(left)
             chunk = order[pos:pos + n * world]
             pos += n * world
             yield chunk[self.rank::world].tolist()

@@ -16,4 +16,6 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(adabatch.__path__, "adabat
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    if result.attempted == 0:
+        pytest.skip(f"{name} has no docstring examples")
     assert result.failed == 0
