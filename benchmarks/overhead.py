@@ -1,28 +1,37 @@
-"""Controller overhead: AdaptiveBatchController against a plain accumulation loop, same schedule.
+"""Controller overhead: AdaptiveBatchController against a plain loop that runs the same schedule.
 
-In one process with one thread, each round trains the MNIST-1D MLP from the same initial weights
-on the same micro-batch stream with the controller, which records its per-step schedule
-(micro-batches per step, learning rate); a hand-written loop (loss / k, backward, step,
-zero_grad, set the LR) then replays exactly that schedule, once right after the controller and
-once before the next round's controller run, and the controller's time is compared with the mean
-of the two. Variants:
+    python -m benchmarks.overhead                      # both models, ~15 min on 2 cores
+    python -m benchmarks.overhead --model mnist1d-mlp --rounds 10
 
-- ``adabatch``: default settings (measurement cadence stretched to a 0.5 % time budget, NaN check);
-- ``adabatch-every4``: a fixed measurement every 4 steps (``measure_budget=None``);
-- ``adabatch-nocheck``: the default with ``on_nonfinite="ignore"`` (no host read per step).
+One process, one thread. Each round, the controller trains a model from the same initial weights on
+the same sample stream at its default settings, with the loader following its plan
+(``next_micro_batch_size``: micro-batches grow with the batch, measured steps are split into
+pieces), and records every step's batch and learning rate. A hand-written loop then replays that
+schedule (for each step: the unsplit micro-batches the step would have had unmeasured, loss / k,
+backward, optimizer step at the recorded LR, zero_grad), once right after the controller and once
+before the next round's controller run; the controller's time is compared with the mean of the
+two. Everything the controller adds is charged to it: measured steps split in two, their norm passes,
+the read-back, the decisions, the per-step loss check and the bookkeeping.
 
-The figure is the median over rounds of time(controller) / time(plain) - 1, with a 95 % bootstrap
-interval; next to it, the same ratio for the fastest quarter of the rounds on each side (time per
-micro-batch), which the machine's other tenants disturb least. Run: ``python -m benchmarks.overhead [--rounds 15] [--steps 300]``.
+Models: the MNIST-1D MLP (40-256-256-10, a step of about a millisecond: the worst case for a fixed
+cost per step) and a 5.3M-parameter MLP (512-2048-2048-10, micro-batches of 64, a step of tens of
+milliseconds). The figure is the median over rounds of time(controller) / time(plain) - 1, with a
+95 % bootstrap interval; next to it the same ratio for each side's fastest quarter of rounds,
+which other tenants of the machine disturb least.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,109 +39,130 @@ from scipy import stats
 from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
+from adabatch.plan import plan_step
 from adabatch.workloads import mlp, mnist1d_data
 
-MICRO = 32
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 
 
-CONFIG = ControllerConfig(cooldown_steps=20, max_batch=512)
-VARIANTS = {
-    "adabatch": (CONFIG, "skip"),
-    "adabatch-every4": (CONFIG.replace(measure_budget=None), "skip"),
-    "adabatch-nocheck": (CONFIG, "ignore"),
+def big_mlp() -> nn.Module:
+    """512-2048-2048-10: 5.3M parameters."""
+    return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+
+def _stream(x: torch.Tensor, y: torch.Tensor, n: int, seed: int):
+    """``n`` sample indices drawn once, so every loop sees the same samples in the same order."""
+    return torch.randint(0, len(x), (n,), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS: dict[str, dict[str, Any]] = {
+    # name: model, data, micro-batch, optimizer LR, samples per round
+    "mnist1d-mlp": {"make": mlp, "micro": 32, "lr": 0.05, "samples": 40_000},
+    "mlp-5.3M": {"make": big_mlp, "micro": 64, "lr": 0.01, "samples": 12_000},
 }
 
 
-def run_plain(model, opt, batches, schedule) -> float:
-    it = iter(batches)
+def _data(name: str):
+    if name == "mnist1d-mlp":
+        d = mnist1d_data(0)
+        return d.x_train, d.y_train
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 512, generator=g)
+    return x, (x[:, :10] + 0.5 * torch.randn(4096, 10, generator=g)).argmax(1)
+
+
+def run_controller(model, opt, x, y, order, micro: int, config: ControllerConfig):
+    ctl = AdaptiveBatchController(model, opt, micro, config)
+    pos, budget = 0, len(order)
     t0 = time.perf_counter()
-    for k, lr in schedule:
+    while True:
+        n = ctl.next_micro_batch_size()
+        if pos + n > budget:
+            break
+        idx = order[pos:pos + n]
+        pos += n
+        ctl.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]))
+        ctl.step()
+    elapsed = time.perf_counter() - t0
+    ctl.flush()
+    cap = ctl._max_micro_units
+    schedule = [(plan_step(r.batch, ctl.granularity, micro, cap, measured=False, follows=True, ddp=False).sizes, r.lr)
+                for r in ctl.history]
+    return elapsed, schedule, ctl
+
+
+def run_plain(model, opt, x, y, order, schedule) -> float:
+    pos = 0
+    t0 = time.perf_counter()
+    for sizes, lr in schedule:
         for group in opt.param_groups:
             group["lr"] = lr
-        for _ in range(k):
-            x, y = next(it)
-            (nn.functional.cross_entropy(model(x), y) / k).backward()
+        k = len(sizes)
+        for n in sizes:
+            idx = order[pos:pos + n]
+            pos += n
+            (nn.functional.cross_entropy(model(x[idx]), y[idx]) / k).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 
-def run_controller(model, opt, batches, steps: int, config: ControllerConfig, on_nonfinite: str):
-    ctl = AdaptiveBatchController(model, opt, MICRO, config, on_nonfinite=on_nonfinite)
-    it = iter(batches)
-    t0 = time.perf_counter()
-    while ctl.steps < steps:
-        x, y = next(it)
-        ctl.backward(nn.functional.cross_entropy(model(x), y))
-        ctl.step()
-    elapsed = time.perf_counter() - t0
-    ctl.flush()
-    schedule = [(r.micro_batches, r.lr) for r in ctl.history]
-    return elapsed, schedule, ctl.stats()
+def measure(name: str, rounds: int, config: ControllerConfig, progress: bool = True) -> dict[str, Any]:
+    spec = MODELS[name]
+    x, y = _data(name)
+    order = _stream(x, y, spec["samples"], seed=1)
+    torch.manual_seed(0)
+    init = spec["make"]().state_dict()
+
+    def fresh():
+        model = spec["make"]()
+        model.load_state_dict(init)
+        return model, torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9)
+
+    ctl_times, plain_times, info = [], [], []
+    previous = None
+    for r in range(rounds + 1):
+        before = run_plain(*fresh(), x, y, order, previous) if previous is not None else None
+        t, schedule, ctl = run_controller(*fresh(), x, y, order, spec["micro"], config)
+        after = run_plain(*fresh(), x, y, order, schedule)
+        if r > 0:  # round 0 warms up the allocator and caches
+            ctl_times.append(t)
+            plain_times.append((before + after) / 2)
+            info.append({"steps": ctl.steps, "measured": ctl.estimator.measurements,
+                         "batches": sorted({s[0][0] * len(s[0]) for s in schedule})})
+            if progress:
+                print(f"  {name} round {r}: controller {t:.3f} s, plain {plain_times[-1]:.3f} s "
+                      f"({100 * (t / plain_times[-1] - 1):+.1f} %), {ctl.steps} steps, "
+                      f"{ctl.estimator.measurements} measured", flush=True)
+        if previous is not None and schedule != previous:
+            raise RuntimeError("the controller's schedule changed between rounds: the run is not deterministic")
+        previous = schedule
+    ratios = np.array(ctl_times) / np.array(plain_times) - 1.0
+    ci = stats.bootstrap((ratios,), np.median, confidence_level=0.95, random_state=0).confidence_interval
+    q = max(1, len(ratios) // 4)
+    fastest = float(np.sort(ctl_times)[:q].mean() / np.sort(plain_times)[:q].mean() - 1.0)
+    return {"median": float(np.median(ratios)), "ci95": [float(ci.low), float(ci.high)], "fastest_quarter": fastest,
+            "seconds": ctl_times, "plain_seconds": plain_times, "runs": info,
+            "step_ms": 1000 * statistics.median(plain_times) / info[0]["steps"]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), nargs="+", default=sorted(MODELS))
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--config", default="{}", help="ControllerConfig changes, as a Python dict")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    data = mnist1d_data(0)
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(args.steps * CONFIG.max_batch // MICRO):
-        idx = torch.randint(0, len(data.x_train), (MICRO,), generator=g)
-        batches.append((data.x_train[idx], data.y_train[idx]))
-    torch.manual_seed(0)
-    init = mlp().state_dict()
-
-    def fresh():
-        model = mlp()
-        model.load_state_dict(init)
-        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    plain: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    intervals: dict[str, list[int]] = {name: [] for name in VARIANTS}
-    shares: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    micro_batches: dict[str, list[int]] = {name: [] for name in VARIANTS}
-    previous: dict[str, list] = {}
-    for r in range(args.rounds + 1):
-        for name, (config, mode) in VARIANTS.items():
-            before = run_plain(*fresh(), batches, previous[name]) if name in previous else None
-            t, schedule, ctl_stats = run_controller(*fresh(), batches, args.steps, config, mode)
-            after = run_plain(*fresh(), batches, schedule)
-            if r > 0:  # round 0 warms up allocator and caches
-                # the plain loop ran the previous schedule before and this one after: scale the
-                # former to this schedule's micro-batch count and average the two
-                scale = sum(k for k, _ in schedule) / sum(k for k, _ in previous[name])
-                times[name].append(t)
-                plain[name].append((before * scale + after) / 2)
-                intervals[name].append(ctl_stats["measure_interval"])
-                shares[name].append(ctl_stats["measure_share"])
-                micro_batches[name].append(sum(k for k, _ in schedule))
-            previous[name] = schedule
-    report = {"workload": "mnist1d-mlp", "micro_batch": MICRO, "steps": args.steps, "rounds": args.rounds,
-              "threads": 1, "seconds": times, "plain_seconds": plain, "final_measure_interval": intervals,
-              "measure_share_self_timed": shares,
-              "micro_batches": micro_batches, "overhead": {}}
-    for name in VARIANTS:
-        ctl_t, plain_t = np.array(times[name]), np.array(plain[name])
-        ratios = ctl_t / plain_t - 1.0
-        ci = stats.bootstrap((ratios,), np.median, confidence_level=0.95, random_state=0).confidence_interval
-        # Interference from other tenants only ever adds time, so the fastest rounds are the least
-        # disturbed: the mean of each side's fastest quarter, per micro-batch (schedules may differ).
-        q = max(1, len(ratios) // 4)
-        per_micro = lambda t: np.sort(t / np.array(micro_batches[name]))[:q].mean()  # noqa: E731
-        fastest = float(per_micro(ctl_t) / per_micro(plain_t) - 1.0)
-        report["overhead"][name] = {"median": float(np.median(ratios)), "ci95": [float(ci.low), float(ci.high)],
-                                    "fastest_quarter": fastest}
-        print(f"{name:17s} overhead vs plain loop: median {100 * np.median(ratios):+.2f} % "
-              f"(95 % CI {100 * ci.low:+.2f} .. {100 * ci.high:+.2f} %), fastest quarter {100 * fastest:+.2f} %, "
-              f"median round {statistics.median(times[name]):.3f} s vs {statistics.median(plain[name]):.3f} s, "
-              f"final measurement interval {statistics.median(intervals[name]):.0f} steps, measurement work "
-              f"{100 * statistics.median(shares[name]):.2f} % of the time (self-timed)")
+    config = ControllerConfig(**eval(args.config, {}))
+    report: dict[str, Any] = {"threads": 1, "rounds": args.rounds, "config": config.to_dict(), "models": {}}
+    for name in args.model:
+        res = measure(name, args.rounds, config)
+        report["models"][name] = res
+        print(f"{name}: overhead vs plain loop on the same schedule: median {100 * res['median']:+.2f} % "
+              f"(95 % CI {100 * res['ci95'][0]:+.2f} .. {100 * res['ci95'][1]:+.2f} %), fastest quarter "
+              f"{100 * res['fastest_quarter']:+.2f} %; {res['runs'][0]['steps']} steps of about "
+              f"{res['step_ms']:.1f} ms, {res['runs'][0]['measured']} measured, batches {res['runs'][0]['batches']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

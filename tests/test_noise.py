@@ -1,4 +1,4 @@
-"""The noise-scale estimate against closed-form and exact per-example truth."""
+"""The noise-scale estimate: unbiased per step, calibrated intervals, and right while training."""
 
 from __future__ import annotations
 
@@ -9,178 +9,196 @@ import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
-from adabatch.noise import BiasCorrectedEMA, NoiseScaleEstimator, unbiased_grad_sq, unbiased_trace_sigma
-from adabatch.workloads import linreg_noise_scale, mlp, mnist1d_data
+from adabatch.noise import NoiseScaleEstimator, fieller_interval, step_estimates, t_quantile
+from adabatch.workloads import linreg_noise_scale
 
 
-def test_two_batch_estimators_are_unbiased_on_exact_expectations():
-    g2, tr = 2.5, 300.0
+class Population:
+    """Per-example gradients g_i = G + noise in ``dim`` dimensions, anisotropic noise (effective rank ~8)."""
+
+    def __init__(self, n: int, dim: int = 64, g_norm: float = 1.0, trace: float = 400.0, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        scales = torch.tensor([0.7 ** i for i in range(dim)], dtype=torch.float64)
+        noise = torch.randn(n, dim, generator=gen, dtype=torch.float64) * scales
+        noise -= noise.mean(0)
+        noise *= math.sqrt(trace / float((noise * noise).sum(1).mean()))
+        direction = torch.randn(dim, generator=gen, dtype=torch.float64)
+        self.grads = noise + g_norm * direction / direction.norm()
+        self.gen = gen
+
+    @property
+    def exact(self) -> tuple[float, float]:
+        """(|G|^2, tr(Sigma)) of the population, divisor N, as the per-example oracle computes them."""
+        mean = self.grads.mean(0)
+        g2 = float(mean @ mean)
+        return g2, float((self.grads * self.grads).sum(1).mean()) - g2
+
+    def step(self, pieces: int, piece: int, replace: bool) -> tuple[list[float], list[float], float, float]:
+        n = pieces * piece
+        idx = (torch.randint(len(self.grads), (n,), generator=self.gen) if replace
+               else torch.randperm(len(self.grads), generator=self.gen)[:n])
+        parts = self.grads[idx].reshape(pieces, piece, -1).mean(1)
+        total = parts.mean(0)
+        return [float(p @ p) for p in parts], [piece] * pieces, float(total @ total), n
+
+
+def test_step_estimates_are_exact_on_exact_expectations():
+    g2, tr, n = 2.5, 300.0, 1000
     for b, big in [(8, 32), (16, 256), (1, 2)]:
-        small, large = g2 + tr / b, g2 + tr / big
-        assert unbiased_grad_sq(small, large, b, big) == pytest.approx(g2)
-        assert unbiased_trace_sigma(small, large, b, big) == pytest.approx(tr)
+        assert step_estimates([g2 + tr / b], [b], g2 + tr / big, big) == pytest.approx((g2, tr))
+        # without replacement from n examples: E|G_b|^2 = |G|^2 + (1/b - 1/n) S^2, S^2 = n/(n-1) tr
+        s2 = tr * n / (n - 1)
+        small, total = g2 + (1 / b - 1 / n) * s2, g2 + (1 / big - 1 / n) * s2
+        assert step_estimates([small, small], [b, b], total, big, population=n) == pytest.approx((g2, tr))
 
 
-def test_two_batch_estimator_rejects_equal_sizes():
-    with pytest.raises(ValueError, match="b < B"):
-        unbiased_grad_sq(1.0, 1.0, 8, 8)
+def test_step_estimates_average_to_the_population_values_only_with_the_finite_population_correction():
+    pop = Population(n=512, trace=4000.0)  # B_simple = 4000; steps of 64 = 1/8 of the population
+    g2_true, tr_true = pop.exact
+    corrected, uncorrected = [], []
+    for _ in range(6000):
+        pieces, sizes, total, n = pop.step(2, 32, replace=False)
+        corrected.append(step_estimates(pieces, sizes, total, n, population=512))
+        uncorrected.append(step_estimates(pieces, sizes, total, n))
+    mean = lambda xs, i: sum(x[i] for x in xs) / len(xs)  # noqa: E731
+    assert mean(corrected, 0) == pytest.approx(g2_true, rel=0.15)
+    assert mean(corrected, 1) == pytest.approx(tr_true, rel=0.02)
+    # ignoring the correction biases |G|^2 by -tr(Sigma)/N: here -7.8, against a true 1.0
+    assert mean(uncorrected, 0) - g2_true == pytest.approx(-tr_true / 512, rel=0.1)
 
 
-def test_bias_corrected_ema_has_no_startup_bias():
-    ema = BiasCorrectedEMA(0.99)
-    for _ in range(3):
-        ema.update(7.0)
-    assert ema.value == pytest.approx(7.0)
+def test_an_outlier_example_moves_the_trace_but_not_the_gradient_norm():
+    big = 1e6  # one example whose gradient is a thousand times the others' (Adam's rare coordinates)
+    for where in range(4):
+        pieces = [1.0] * 4
+        pieces[where] += big / 8 ** 2  # |mean over 8|^2 of a piece holding it
+        total = 1.0 + big / 32 ** 2
+        g2, tr = step_estimates(pieces, [8] * 4, total, 32)
+        assert g2 == pytest.approx(1.0, abs=1e-6)  # whichever piece it fell in
+        assert tr == pytest.approx(big / 32, rel=1e-9)
 
 
-def test_ema_stderr_matches_the_spread_of_the_ema_over_independent_runs():
-    g = torch.Generator().manual_seed(0)
-    values, stderrs = [], []
-    for _ in range(400):
-        ema = BiasCorrectedEMA(0.9)
-        for x in (3.0 + 2.0 * torch.randn(60, generator=g)).tolist():
-            ema.update(x)
-        values.append(ema.value)
-        stderrs.append(ema.stderr)
-    spread = float(torch.tensor(values).std())
-    # stationary EMA of iid data: std = sigma * sqrt((1 - d) / (1 + d)) = 2 * 0.229
-    assert spread == pytest.approx(2.0 * math.sqrt(0.1 / 1.9), rel=0.15)
-    assert sum(stderrs) / len(stderrs) == pytest.approx(spread, rel=0.15)
+def test_fieller_interval_brackets_the_ratio_and_opens_when_the_denominator_is_unresolved():
+    lo, hi = fieller_interval(1.0, 100.0, 0.01, 25.0, 0.0, 1.96)
+    assert lo < 100.0 < hi < math.inf
+    lo2, hi2 = fieller_interval(1.0, 100.0, 0.04, 100.0, 0.0, 1.96)
+    assert lo2 < lo and hi2 > hi  # noisier means, wider interval
+    lo3, hi3 = fieller_interval(0.05, 100.0, 0.01, 25.0, 0.0, 1.96)  # |G|^2 within 0.5 SE of zero
+    assert hi3 == math.inf and 0 < lo3 < 100.0 / (0.05 + 1.96 * 0.1)
+    lo4, hi4 = fieller_interval(-0.5, 100.0, 0.01, 25.0, 0.0, 1.96)  # significantly negative: noise around ~0
+    assert hi4 == math.inf and lo4 == pytest.approx((100.0 - 1.96 * 5.0) / (1.96 * 0.1))
 
 
-def test_noise_scale_bounds_bracket_the_point_estimate_and_widen_with_z():
-    est = NoiseScaleEstimator(0.9)
-    g = torch.Generator().manual_seed(1)
-    smalls = (11.0 + torch.randn(50, generator=g)).tolist()
-    bigs = (2.0 + 0.1 * torch.randn(50, generator=g)).tolist()
-    for small, big in zip(smalls, bigs):
-        est.update(small, big, 10, 100)
-    lo1, hi1 = est.b_simple_bounds(1.0)
-    lo2, hi2 = est.b_simple_bounds(2.0)
-    assert lo2 < lo1 < est.b_simple < hi1 < hi2
-    assert est.b_simple_bounds(0.0) == (pytest.approx(est.b_simple), pytest.approx(est.b_simple))
+def test_t_quantile_is_wider_for_few_measurements():
+    assert t_quantile(1) > t_quantile(5) > t_quantile(30) > t_quantile(10_000) == 1.96
 
 
-def test_estimator_rejects_and_counts_nonfinite_measurements():
-    est = NoiseScaleEstimator(0.5)
-    est.update(11.0, 2.0, 10, 100)
+def _stream(estimator: NoiseScaleEstimator, pop: Population, steps: int, pieces: int, piece: int) -> None:
+    for _ in range(steps):
+        p, sizes, total, n = pop.step(pieces, piece, replace=True)
+        estimator.update_pieces(p, sizes, total, n, samples=n)
+
+
+@pytest.mark.parametrize("g_norm,trace", [(1.0, 400.0), (1.0, 3000.0)])  # B_simple 400 and 3000, batch 64
+def test_interval_covers_the_truth_at_least_90_percent_of_the_time(g_norm, trace):
+    pop = Population(n=4096, g_norm=g_norm, trace=trace, seed=1)
+    g2, tr = pop.exact
+    truth = tr / g2
+    inside, widths = 0, []
+    runs = 200
+    for _ in range(runs):
+        est = NoiseScaleEstimator(window_fraction=0.25, min_window=4096)
+        _stream(est, pop, 50, 2, 32)
+        e = est.estimate()
+        inside += e.low <= truth <= e.high
+        assert math.isfinite(e.value) and e.value > 0
+        if e.resolved:
+            widths.append(e.high / e.low)
+    assert inside / runs >= 0.90
+    assert inside / runs <= 0.995, "an interval that always covers is too wide to decide with"
+
+
+def test_an_unresolvable_noise_scale_reads_as_a_finite_lower_bound_not_inf():
+    pop = Population(n=4096, g_norm=0.1, trace=4000.0, seed=2)  # B_simple 400,000 at batch 64
+    est = NoiseScaleEstimator(min_window=4096)
+    _stream(est, pop, 40, 2, 32)
+    e = est.estimate()
+    g2, tr = pop.exact
+    assert not e.resolved and e.high == math.inf
+    assert math.isfinite(e.value) and e.value == e.low
+    assert 64 < e.low < tr / g2  # confidently far above the batch, and below the truth
+
+
+def test_the_window_is_counted_in_samples():
+    est = NoiseScaleEstimator(window_fraction=0.1, min_window=1000)
+    for _ in range(4):
+        est.update(1.0, 100.0, samples=100)
+    early = est.estimate().value
+    est.advance(50_000)  # far beyond the window: the old measurements carry no weight any more
+    for _ in range(4):
+        est.update(1.0, 400.0, samples=100)
+    assert early == pytest.approx(100.0)
+    assert est.estimate().value == pytest.approx(400.0, rel=1e-3)
+    assert est.window() == pytest.approx(max(1000, 0.1 * est.samples, 8 * est.gap))
+
+
+def test_a_gradient_that_shrinks_a_hundredfold_does_not_let_old_measurements_dominate():
+    est = NoiseScaleEstimator(window_fraction=1.0, min_window=0)
+    for i in range(200):  # |G|^2 and tr(Sigma) both fall 100x; their ratio stays at 50
+        scale = 100.0 ** (-i / 199)
+        est.update(2.0 * scale, 100.0 * scale, samples=32)
+    assert est.estimate().value == pytest.approx(50.0, rel=1e-6)
+
+
+def test_nonfinite_measurements_are_rejected_and_counted():
+    est = NoiseScaleEstimator()
+    est.update_pieces([11.0, 11.0], [10, 10], 3.5, 40, samples=40)
     before = est.state_dict()
-    assert not est.update(math.nan, 2.0, 10, 100)
-    assert not est.update(11.0, math.inf, 10, 100)
-    assert est.rejected == 2
-    after = est.state_dict()
-    after.pop("rejected"), before.pop("rejected")
-    assert after == before
+    assert not est.update_pieces([math.nan, 11.0], [10, 10], 3.5, 40, samples=40)
+    assert not est.update(math.inf, 1.0, samples=40)
+    assert est.rejected == 2 and est.measurements == before["measurements"]
 
 
-def _frozen_linreg(delta_sq: float, noise_var: float, dim: int = 16, seed: int = 0):
+def test_state_round_trip_reproduces_the_estimate():
+    pop = Population(n=2048, seed=3)
+    a = NoiseScaleEstimator()
+    _stream(a, pop, 30, 2, 32)
+    b = NoiseScaleEstimator()
+    b.load_state_dict(a.state_dict())
+    assert b.estimate() == a.estimate()
+
+
+# ----------------------------------------------------------------------------- in training
+
+
+def _linreg_controller(dim: int, noise_var: float, lr: float, cfg: ControllerConfig, seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Linear(dim, 1, bias=False)
     with torch.no_grad():
-        model.weight.copy_(torch.ones(1, dim) * math.sqrt(delta_sq / dim))  # w* = 0
-    return model
+        model.weight.fill_(1.0 / math.sqrt(dim))  # |w - w*|^2 = 1, w* = 0
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return model, AdaptiveBatchController(model, opt, 8, cfg)
 
 
-def _linreg_batches(dim: int, noise_var: float, micro: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        x = torch.randn(micro, dim, generator=g)
-        y = math.sqrt(noise_var) * torch.randn(micro, generator=g)
-        yield x, y
-
-
-def test_estimate_matches_analytic_noise_on_linear_regression():
-    dim, noise_var, delta_sq = 16, 4.0, 1.0
-    model = _frozen_linreg(delta_sq, noise_var, dim)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # frozen weights: the truth stays put
-    cfg = ControllerConfig(measure_every=1, measure_budget=None, ema_decay=0.99, initial_batch=64, min_batch=64, max_batch=64)
-    ctl = AdaptiveBatchController(model, opt, micro_batch_size=8, config=cfg)
-    batches = _linreg_batches(dim, noise_var, 8, seed=1)
-    while ctl.steps < 1500:
-        x, y = next(batches)
-        ctl.backward(0.5 * ((model(x).squeeze(1) - y) ** 2).mean())
-        ctl.step()
-    true_trace = dim * (delta_sq + noise_var) + delta_sq
-    assert ctl.estimator.grad_sq == pytest.approx(delta_sq, rel=0.10)
-    assert ctl.estimator.trace_sigma == pytest.approx(true_trace, rel=0.10)
-    assert ctl.noise_scale == pytest.approx(linreg_noise_scale(delta_sq, dim, noise_var), rel=0.10)
-
-
-def _exact_b_simple(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """tr(Sigma) / |G|^2 from every per-example gradient (torch.func), population statistics."""
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss_one(p, xi, yi):
-        out = functional_call(model, p, (xi[None],))
-        return nn.functional.cross_entropy(out, yi[None])
-
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    sq_sum = 0.0
-    for xs, ys in zip(x.split(500), y.split(500)):
-        grads = per_example(params, xs, ys)
-        for k, g in grads.items():
-            total[k] += g.sum(0)
-            sq_sum += float(g.pow(2).sum())
-    n = len(x)
-    g_sq = sum(float((t / n).pow(2).sum()) for t in total.values())
-    trace = sq_sum / n - g_sq
-    return trace / g_sq
-
-
-def _estimate_frozen(model, data, micro: int, k: int, steps: int, autocast: bool = False, seed: int = 0):
-    """Controller estimate at fixed weights, micro-batches drawn with replacement from the train set."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    batch = micro * k
-    cfg = ControllerConfig(measure_every=1, measure_budget=None, ema_decay=0.99, initial_batch=batch, min_batch=batch, max_batch=batch)
-    ctl = AdaptiveBatchController(model, opt, micro_batch_size=micro, config=cfg)
-    g = torch.Generator().manual_seed(seed)
-    n = len(data.x_train)
-    while ctl.steps < steps:
-        idx = torch.randint(0, n, (micro,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model(data.x_train[idx])
-        loss = nn.functional.cross_entropy(out.float(), data.y_train[idx])
-        ctl.backward(loss)
-        ctl.step()
-    return ctl.noise_scale
-
-
-@pytest.fixture(scope="module")
-def mnist1d():
-    return mnist1d_data(0)
-
-
-def test_estimate_matches_exact_per_example_noise_scale_on_mnist1d_mlp(mnist1d):
-    torch.manual_seed(0)
-    model = mlp()
-    train_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    checkpoints = {0: None, 300: None, 1500: None}  # optimizer steps at batch 32
-    step = 0
-    while True:
-        if step in checkpoints:
-            exact = _exact_b_simple(model, mnist1d.x_train, mnist1d.y_train)
-            est = _estimate_frozen(model, mnist1d, micro=16, k=4, steps=1000, seed=step)
-            checkpoints[step] = (exact, est)
-        if step == max(checkpoints):
-            break
-        idx = torch.randint(0, len(mnist1d.x_train), (32,), generator=g)
-        train_opt.zero_grad()
-        nn.functional.cross_entropy(model(mnist1d.x_train[idx]), mnist1d.y_train[idx]).backward()
-        train_opt.step()
-        step += 1
-    exacts = [e for e, _ in checkpoints.values()]
-    assert exacts[-1] > 2 * exacts[0], "the checkpoints should span a real change in the noise scale"
-    for at, (exact, est) in checkpoints.items():
-        assert est == pytest.approx(exact, rel=0.20), f"step {at}: estimate {est:.1f} vs exact {exact:.1f}"
-
-
-def test_bf16_autocast_estimate_agrees_with_fp32(mnist1d):
-    torch.manual_seed(1)
-    model = mlp()
-    fp32 = _estimate_frozen(model, mnist1d, micro=16, k=4, steps=400, seed=5)
-    bf16 = _estimate_frozen(model, mnist1d, micro=16, k=4, steps=400, autocast=True, seed=5)
-    assert bf16 == pytest.approx(fp32, rel=0.05)
+def test_estimate_tracks_the_analytic_noise_scale_of_linear_regression_through_training():
+    """Stream data (no finite population), the default controller at a constant LR: B_simple =
+    (d (|delta|^2 + s^2) + |delta|^2) / |delta|^2 climbs as |w - w*|^2 shrinks; the estimate follows it
+    within 25 % and its interval holds the analytic value."""
+    dim, noise_var = 16, 4.0
+    model, ctl = _linreg_controller(dim, noise_var, lr=0.002, cfg=ControllerConfig(lr_rule="none"))
+    g = torch.Generator().manual_seed(1)
+    checks = []
+    for stop in (20_000, 80_000, 160_000):
+        while ctl.samples < stop:
+            x = torch.randn(8, dim, generator=g)
+            y = math.sqrt(noise_var) * torch.randn(8, generator=g)
+            ctl.backward(0.5 * ((model(x).squeeze(1) - y) ** 2).mean())
+            ctl.step()
+        delta_sq = float(model.weight.detach().pow(2).sum())
+        checks.append((ctl.noise_scale, linreg_noise_scale(delta_sq, dim, noise_var), ctl.noise_interval,
+                       ctl.batch_size))
+    assert checks[-1][1] > 3 * checks[0][1], "the noise scale should climb during training"
+    assert checks[-1][3] > 4 * checks[0][3] / 2, "and the batch with it"
+    for est, exact, (lo, hi), _ in checks:
+        assert est == pytest.approx(exact, rel=0.25), checks
+        assert lo <= exact <= hi, checks
