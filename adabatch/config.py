@@ -1,7 +1,9 @@
 """The controller's knobs, in one validated object.
 
 Every threshold that a study may tune lives here. Construction validates each field and names it
-in the error, with the accepted range, so a bad study file or a typo fails at once.
+in the error, with the accepted range, so a bad study file or a typo fails at once. Counts that
+pace decisions (patience, cooldown, the estimator's window, the LR ramp) are in samples, so they
+mean the same thing at every batch size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from typing import Any, Mapping
 LR_RULES = ("auto", "none", "linear", "sqrt", "adascale")
 NOISE_KINDS = ("auto", "simple", "preconditioned")
 POLICIES = ("noise", "goodput", "energy", "zeus")
+SCHEDULE_MODES = ("samples", "progress", "steps")
+MEASUREMENTS = ("auto", "examples", "pieces")
+
+# Fields of earlier versions, and what replaced them (for a clear error when an old file is loaded).
+RENAMED = {
+    "cooldown_steps": "cooldown_samples (now counted in samples)",
+    "patience": "patience_samples (now counted in samples)",
+    "ema_decay": "window_fraction and min_window (the estimate is now averaged over a window of samples)",
+    "warmup_measurements": "nothing: decisions wait until the estimate's interval is decisive",
+    "confidence_z": "confidence (1.0 = 95 % intervals)",
+    "lr_warmup_steps": "lr_warmup_samples (now counted in samples)",
+}
 
 
 class ConfigError(ValueError):
@@ -36,60 +50,77 @@ class ControllerConfig:
 
     Example:
         >>> from adabatch import ControllerConfig
-        >>> cfg = ControllerConfig(max_batch=1024, target_factor=0.5, lr_rule="sqrt")
-        >>> cfg.replace(cooldown_steps=10).cooldown_steps
-        10
+        >>> cfg = ControllerConfig(max_batch=1024, target_factor=2.0, lr_rule="sqrt")
+        >>> cfg.replace(cooldown_samples=4096).cooldown_samples
+        4096
     """
 
     # Bounds of the effective batch (samples per optimizer step).
     min_batch: int | None = None
     max_batch: int = 4096
-    # The batch the user's learning rate was tuned for; defaults to the starting batch.
+    # The batch the user's learning rate (and LR schedule) was tuned for; defaults to the starting batch.
     base_batch: int | None = None
     # Effective batch at step 0; defaults to base_batch, else the micro-batch size.
     initial_batch: int | None = None
-    # Target batch = target_factor * B_noise (McCandlish et al. 2018: B_crit ~ B_noise).
-    target_factor: float = 0.5
-    # Grow when target >= grow_threshold * batch; shrink when target <= shrink_threshold * batch.
-    # The gap between them is the hysteresis band that keeps a noisy estimate from thrashing.
+    # Which target the policy pursues: the noise scale (deterministic), or, from measured wall time
+    # (opt-in, not reproducible bit for bit), goodput (progress per second), energy (progress per
+    # joule) or Zeus's blend of both with weight eta on energy.
+    policy: str = "noise"
+    eta: float = 0.5
+    # Noise policy: target batch = target_factor x B_simple. McCandlish et al.'s B_crit ~ B_noise
+    # trains at twice the minimum samples; a larger factor trades samples for throughput.
+    target_factor: float = 2.0
+    # Grow when even the target's confident lower end reaches grow_threshold x batch; shrink when
+    # even its upper end falls to shrink_threshold x batch. The gap keeps decisions from thrashing.
     grow_threshold: float = 1.5
     shrink_threshold: float = 0.5
-    # Move only when the target is this many standard errors outside the band (0: point estimate).
-    confidence_z: float = 2.0
-    # Consecutive decisions the target must stay outside the band before the batch moves. Counted
-    # at the measure_every cadence: measurements spaced further apart need proportionally fewer.
-    patience: int = 3
+    # Width of the intervals decisions use: 1.0 is a 95 % interval; 0 acts on point estimates.
+    confidence: float = 1.0
     # Largest factor by which one decision may change the batch.
-    max_change_factor: float = 2.0
-    # Optimizer steps after a change during which the batch stays put.
-    cooldown_steps: int = 50
-    # Decay of the separate EMAs of |G|^2 and tr(Sigma), per measurement.
-    ema_decay: float = 0.9
-    # Measurements before the first decision (at the measure_every cadence, as patience).
-    warmup_measurements: int = 5
-    # Measure the noise scale at most every this many optimizer steps (the rest do no extra work).
-    measure_every: int = 4
-    # Largest share of training time measurements may take: the interval between measured steps
-    # stretches (up to max_measure_every, never below measure_every) until their timed cost fits. None: every measure_every
-    # steps exactly, which makes runs with fixed seeds reproducible bit for bit.
-    measure_budget: float | None = 0.005
+    max_change_factor: float = 4.0
+    # Samples a grow/shrink condition must hold before the batch moves, and samples after a change
+    # during which the batch stays put.
+    patience_samples: int = 0
+    cooldown_samples: int = 0
+    # The estimate averages per-step measurements over a window of max(min_window,
+    # window_fraction x samples so far) samples.
+    window_fraction: float = 0.1
+    min_window: int = 2048
+    # Measure every max(1, window / (measurements_per_window x batch)) steps, at most every
+    # max_measure_every: measurements a window's horizon apart / this many (an exponential window
+    # then averages about twice as many). A measured step costs about four passes over the
+    # gradients; the others nothing.
+    measurements_per_window: int = 16
+    # Or measure every this many optimizer steps, whatever the window (None: the spacing above).
+    measure_every: int | None = None
+    # How a step is measured: per-example norms from hooks on Linear layers ("examples", cheaper and
+    # more precise; needs every trainable parameter in a torch.nn.Linear), or the step's pieces taken
+    # alone ("pieces", any model). "auto" picks examples when the model allows it.
+    measurement: str = "auto"
+    # Opt-in: stretch the interval (up to max_measure_every) while the controller's own timing says
+    # measuring takes more than this share of training time. Depends on wall-clock timing, so runs
+    # are no longer reproducible bit for bit.
+    measure_budget: float | None = None
     max_measure_every: int = 64
-    # Largest micro-batch (samples per process) the controller may grow to; None keeps the
-    # micro-batch the controller was given. Growth needs the loader to follow the controller
-    # (``controller.batch_sampler``). On CUDA, growth also stops where the measured peak memory
-    # predicts more than ``memory_fraction`` of the device's memory.
+    # Evidence check: after a growth, compare the loss decrease per sample with the same span
+    # before it; revert (and do not try that batch again for a while) when it fell significantly
+    # below this share. 0 turns the check off.
+    min_efficiency: float = 0.5
+    # Largest micro-batch (samples per process). None: as large as the step when the loader follows
+    # the controller (its batch_sampler or next_micro_batch_size), and on CUDA as large as the
+    # measured peak memory allows under memory_fraction of the device.
     max_micro_batch: int | None = None
     memory_fraction: float = 0.9
     # Learning-rate rule: auto picks sqrt for adaptive optimizers (Adam family), linear otherwise.
     lr_rule: str = "auto"
-    # Optimizer steps over which the LR factor ramps to its new value after the batch grows.
-    lr_warmup_steps: int = 0
+    # Samples over which the LR factor ramps to its new value after the batch grows.
+    lr_warmup_samples: int = 0
+    # How the controller steps the scheduler it is given: by samples / base_batch (a schedule sized
+    # for the base batch ends when the sample budget does), by AdaScale's gain-weighted progress,
+    # or once per optimizer step.
+    schedule: str = "samples"
     # Noise scale flavour: auto picks preconditioned (Qiao et al. 2021) for Adam-family optimizers.
     noise_kind: str = "auto"
-    # Which target the policy pursues: the noise scale, goodput (progress per second),
-    # energy (progress per joule) or Zeus's blend of both with weight eta on energy.
-    policy: str = "noise"
-    eta: float = 0.5
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,40 +135,46 @@ class ControllerConfig:
             lo = self.min_batch or 1
             _check(lo <= self.initial_batch <= self.max_batch, "initial_batch", self.initial_batch,
                    f"between min_batch={lo} and max_batch={self.max_batch}")
-        _check(_finite(self.target_factor) and self.target_factor > 0, "target_factor", self.target_factor, "a number > 0")
+        _check(self.policy in POLICIES, "policy", self.policy, f"one of {', '.join(POLICIES)}")
+        _check(_finite(self.eta) and 0 <= self.eta <= 1, "eta", self.eta, "a number in [0, 1]")
+        _check(_finite(self.target_factor) and self.target_factor > 0, "target_factor", self.target_factor,
+               "a number > 0")
         _check(_finite(self.grow_threshold) and self.grow_threshold > 1, "grow_threshold", self.grow_threshold,
                "a number > 1")
         _check(_finite(self.shrink_threshold) and 0 < self.shrink_threshold < 1, "shrink_threshold",
                self.shrink_threshold, "a number in (0, 1)")
+        _check(_finite(self.confidence) and 0 <= self.confidence <= 10, "confidence", self.confidence,
+               "a number in [0, 10] (1 = 95 % intervals)")
         _check(_finite(self.max_change_factor) and self.max_change_factor > 1, "max_change_factor",
                self.max_change_factor, "a number > 1")
-        _check(_finite(self.confidence_z) and self.confidence_z >= 0, "confidence_z", self.confidence_z,
-               "a number >= 0")
-        _check(_is_int(self.patience) and self.patience >= 1, "patience", self.patience, "an integer >= 1")
-        _check(_is_int(self.cooldown_steps) and self.cooldown_steps >= 0, "cooldown_steps", self.cooldown_steps,
-               "an integer >= 0")
-        _check(_finite(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in [0, 1)")
-        _check(_is_int(self.warmup_measurements) and self.warmup_measurements >= 1, "warmup_measurements",
-               self.warmup_measurements, "an integer >= 1")
-        _check(_is_int(self.measure_every) and self.measure_every >= 1, "measure_every", self.measure_every,
-               "an integer >= 1")
+        for name in ("patience_samples", "cooldown_samples", "min_window", "lr_warmup_samples"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, value, "an integer >= 0 (samples)")
+        _check(_finite(self.window_fraction) and 0 < self.window_fraction <= 1, "window_fraction",
+               self.window_fraction, "a number in (0, 1]")
+        _check(_is_int(self.measurements_per_window) and self.measurements_per_window >= 2,
+               "measurements_per_window", self.measurements_per_window, "an integer >= 2")
+        _check(self.measure_every is None or (_is_int(self.measure_every) and self.measure_every >= 1),
+               "measure_every", self.measure_every, "None or an integer >= 1")
+        _check(self.measurement in MEASUREMENTS, "measurement", self.measurement, f"one of {', '.join(MEASUREMENTS)}")
         _check(self.measure_budget is None or (_finite(self.measure_budget) and 0 < self.measure_budget < 1),
                "measure_budget", self.measure_budget, "None or a number in (0, 1)")
-        _check(_is_int(self.max_measure_every) and self.max_measure_every >= 1, "max_measure_every",
-               self.max_measure_every, "an integer >= 1")
+        _check(_is_int(self.max_measure_every) and self.max_measure_every >= (self.measure_every or 1),
+               "max_measure_every", self.max_measure_every, f"an integer >= measure_every={self.measure_every or 1}")
+        _check(_finite(self.min_efficiency) and 0 <= self.min_efficiency < 1, "min_efficiency",
+               self.min_efficiency, "a number in [0, 1) (0 turns the evidence check off)")
         _check(self.max_micro_batch is None or (_is_int(self.max_micro_batch) and self.max_micro_batch >= 1),
                "max_micro_batch", self.max_micro_batch, "None or an integer >= 1")
         _check(_finite(self.memory_fraction) and 0 < self.memory_fraction <= 1, "memory_fraction",
                self.memory_fraction, "a number in (0, 1]")
         _check(self.lr_rule in LR_RULES, "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
-        _check(_is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0, "lr_warmup_steps",
-               self.lr_warmup_steps, "an integer >= 0")
+        _check(self.schedule in SCHEDULE_MODES, "schedule", self.schedule, f"one of {', '.join(SCHEDULE_MODES)}")
         _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
-        _check(self.policy in POLICIES, "policy", self.policy, f"one of {', '.join(POLICIES)}")
-        _check(_finite(self.eta) and 0 <= self.eta <= 1, "eta", self.eta, "a number in [0, 1]")
+        _check(isinstance(self.extra, Mapping), "extra", self.extra, "a mapping")
 
     def replace(self, **changes: Any) -> "ControllerConfig":
         """A copy with ``changes`` applied (and validated)."""
+        _no_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,14 +182,17 @@ class ControllerConfig:
         out["extra"] = dict(self.extra)
         return out
 
+    def diff(self, other: "ControllerConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: name -> (this value, other value)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ControllerConfig":
         """Build from a mapping; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ControllerConfig field(s) {', '.join(unknown)}; "
-                              f"known fields: {', '.join(sorted(known))}.")
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a ControllerConfig needs a mapping of field names to values, got {type(data).__name__}.")
+        _no_unknown(data)
         return cls(**dict(data))
 
     def save(self, path: str | Path) -> Path:
@@ -169,11 +209,25 @@ class ControllerConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no controller config at {path}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read controller config {path}: {exc}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or "adabatch_controller_config" not in data:
             raise ConfigError(f"{path} holds no 'adabatch_controller_config' object.")
         return cls.from_dict(data["adabatch_controller_config"])
+
+
+def _no_unknown(data: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(ControllerConfig)}
+    unknown = sorted(set(data) - known)
+    if not unknown:
+        return
+    renamed = [f"{k} was replaced by {RENAMED[k]}" for k in unknown if k in RENAMED]
+    others = [k for k in unknown if k not in RENAMED]
+    parts = renamed + ([f"unknown ControllerConfig field(s) {', '.join(others)}; known fields: "
+                        f"{', '.join(sorted(known))}"] if others else [])
+    raise ConfigError("; ".join(parts) + ".")
 
 
 def _is_int(value: Any) -> bool:

@@ -1,63 +1,81 @@
 """AdaptiveBatchController: adapts the effective batch of an ordinary PyTorch loop while it trains.
 
-The user keeps their model, loss, optimizer, scheduler and DataLoader (which yields micro-batches of
-``micro_batch_size``) and hands backward and step to the controller::
+The user keeps their model, loss, optimizer, scheduler and data, and hands backward and step to
+the controller::
 
-    controller = AdaptiveBatchController(model, optimizer, micro_batch_size=32)
+    controller = AdaptiveBatchController(model, optimizer, micro_batch_size=32, scheduler=scheduler)
+    loader = DataLoader(dataset, batch_sampler=controller.batch_sampler(len(dataset)))
     for x, y in loader:
-        loss = loss_fn(model(x), y)
-        controller.backward(loss)   # scales the loss for accumulation
-        controller.step()           # steps optimizer and scheduler once enough micro-batches are in
+        controller.backward(loss_fn(model(x), y))   # scales the loss for accumulation
+        controller.step()                           # steps optimizer and scheduler when the step is in
 
-Data flows one way: gradients -> :mod:`adabatch.gradnorm` (norms) -> :mod:`adabatch.noise`
-(estimate) -> :mod:`adabatch.policy` (target and hysteresis) -> :mod:`adabatch.lr` (factor) ->
-optimizer step.
+The controller only orchestrates; each idea lives in its own module, and data flows one way:
 
-Micro-batch growth. With ``ControllerConfig(max_micro_batch=...)`` and a loader built on
-``controller.batch_sampler(...)``, a step of k base micro-batches may run as fewer, larger
-micro-batches (the largest size that divides the step, fits under the cap and, on CUDA, fits in
-memory by :mod:`adabatch.memory`). An out-of-memory error is recovered by
-:meth:`AdaptiveBatchController.recover_from_oom`, which lowers the cap for good.
+- :mod:`adabatch.plan`: what the step looks like (micro-batch sizes, measured or not), asked by
+  the controller and by the loader's sampler alike;
+- :mod:`adabatch.measure` / :mod:`adabatch.gradnorm`: on measured steps, the norms of the step's
+  pieces taken alone and of the total, without hooks, read back once;
+- :mod:`adabatch.noise`: per-step unbiased |G|^2 and tr(Sigma), averaged over a window of samples,
+  B_simple with a 95 % interval;
+- :mod:`adabatch.policy` / :mod:`adabatch.goodput`: the target batch for a noise scale;
+- :mod:`adabatch.decide`: grow, shrink or stay, tested on the interval; evidence from
+  :mod:`adabatch.progress` reverts growths that measurably hurt progress;
+- :mod:`adabatch.lr`: the LR factor for the batch, applied only inside ``optimizer.step()``, and
+  the user's scheduler advanced by samples;
+- :mod:`adabatch.clock`: training time and energy, paused during evaluation.
 
 Loss scaling. A step planned as P samples per process backpropagates n_i / P times each
 micro-batch's mean loss (n_i its samples), so the accumulated gradient is sum(samples) / P. When the
 samples do not add up to P (a short last batch), the gradients are multiplied by P / N before the
-step. Either way the optimizer sees exactly the mean gradient over the N samples of the step, as one
-big batch of N would give it.
+step. Either way the optimizer sees exactly the mean gradient over the N samples of the step.
 
-Measurement. A measured step always has at least two micro-batches (a step planned as one is split,
-or takes two); each micro-batch but the last is taken alone from ``.grad`` and the sum at the step
-(:mod:`adabatch.gradnorm`), with one read-back at the step. No hook is ever registered. Measured
-steps come every ``measure_every`` steps, or further apart while the controller's own timing says
-they would take more than ``measure_budget`` of the training time. The only value read back on other
-steps is the step's mean loss for the NaN/inf check (``on_nonfinite="ignore"`` drops that read as well).
+Determinism. With the default config nothing depends on wall-clock time: the same seeds give the
+same batches, learning rates and noise estimates bit for bit, and a checkpoint resumes the same
+trajectory. The goodput/energy/Zeus policies and ``measure_budget`` read clocks and are opt-in.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from adabatch.clock import TrainingClock
 from adabatch.config import ConfigError, ControllerConfig
-from adabatch.gradnorm import MicroBatchNorms, adam_second_moments
-from adabatch.lr import LRScaler, resolve_rule
+from adabatch.decide import Change, Decider, snap_down
+from adabatch.gradnorm import adam_denominators
+from adabatch.lr import LRScaler, ScheduleFollower, lr_factor, resolve_rule
+from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, example_denominators, linear_layers,
+                              mean_gradient_norms)
 from adabatch.memory import MicroBatchMemory
-from adabatch.noise import NoiseScaleEstimator
-from adabatch.policy import BatchPolicy, Hysteresis, NoiseScalePolicy, PolicyInput, round_to_granularity
+from adabatch.noise import MIN_MEASUREMENTS, NoiseEstimate, NoiseScaleEstimator
+from adabatch.plan import StepPlanner
+from adabatch.policy import BatchPolicy, PolicyInput, make_policy, round_to_granularity
+from adabatch.progress import ProgressTracker
 from adabatch.sampler import AdaptiveBatchSampler
 from adabatch.telemetry import StepRecord, Telemetry
 
 log = logging.getLogger(__name__)
 
 NONFINITE_MODES = ("skip", "raise", "ignore")
+CHECKPOINT_FORMAT = "adabatch.controller"
+CHECKPOINT_VERSION = 2
+# Adam's second moments average only a handful of squared gradients during its first steps, so
+# the preconditioner (and the preconditioned noise scale) swings wildly; measure after these.
+PRECONDITIONER_WARMUP_STEPS = 10
+# The measurement spacing stretches while the estimate's 95 % interval spans less than this factor,
+# and shrinks again above the second.
+TIGHT_INTERVAL, LOOSE_INTERVAL = 1.5, 2.5
+# A measurement this many standard deviations from the window's means resets the spacing.
+SURPRISE = 4.0
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,29 +89,34 @@ class AdaptiveBatchController:
         model: the module being trained (a ``DistributedDataParallel`` wrapper is recognised, and
             gradient sync is skipped on all but the last micro-batch of a step).
         optimizer: any ``torch.optim.Optimizer``; its learning rate is the one for ``base_batch``.
-        micro_batch_size: samples per micro-batch on this process (what the DataLoader yields);
-            every batch size is a multiple of it.
-        config: the knobs (:class:`ControllerConfig`); defaults suit most runs.
-        scheduler: optional LR scheduler, stepped once per optimizer step. Schedulers stepped by the
-            user (per epoch, on plateau) work too: the controller only scales the LR during the step.
+        micro_batch_size: samples per micro-batch on this process that a plain loader yields; every
+            batch size is a multiple of it times the number of processes.
+        config: the knobs (:class:`ControllerConfig`); the defaults suit most runs.
+        scheduler: optional LR scheduler sized for the base batch; the controller advances it by
+            samples / base batch (``ControllerConfig.schedule``). Schedulers stepped by the user
+            (per epoch, on plateau) work too: the controller only scales the LR during the step.
         scaler: optional ``torch.amp.GradScaler``; the loss is scaled through it and norms unscaled.
         max_grad_norm: clip the total gradient norm to this value before each step.
         on_nonfinite: what a NaN/inf loss does: ``skip`` the step (counted, warned), ``raise``, or
-            ``ignore`` (no check, no host sync per step).
+            ``ignore`` (no check, no read-back per step; the evidence check is then off too).
         energy_meter: optional :class:`adabatch.energy.EnergyMeter`; ``energy_aware=True`` without
             one picks a meter automatically and sets the energy policy.
+        policy: a :class:`~adabatch.policy.BatchPolicy` instance, instead of ``config.policy``.
+        dataset_size: examples the loader draws from without replacement (one epoch), for the
+            finite-population correction; :meth:`batch_sampler` sets it. None: an endless stream.
         keep_history: keep every :class:`StepRecord` in ``controller.history``.
+        process_group: the DDP process group (default: the world).
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> ctl = AdaptiveBatchController(model, opt, micro_batch_size=8)
-        >>> for _ in range(4):
+        >>> ctl = AdaptiveBatchController(model, opt, micro_batch_size=8, config=ControllerConfig(initial_batch=16))
+        >>> for _ in range(4):  # a plain loop: two micro-batches of 8 per step
         ...     x, y = torch.randn(8, 4), torch.randn(8, 1)
         ...     ctl.backward(torch.nn.functional.mse_loss(model(x), y))
         ...     _ = ctl.step()
-        >>> ctl.steps, ctl.batch_size
-        (3, 8)
+        >>> ctl.steps, ctl.samples, ctl.batch_size
+        (2, 32, 16)
     """
 
     def __init__(
@@ -109,60 +132,54 @@ class AdaptiveBatchController:
         on_nonfinite: str = "skip",
         energy_meter: Any = None,
         energy_aware: bool = False,
+        policy: BatchPolicy | None = None,
+        dataset_size: int | None = None,
         keep_history: bool = True,
         process_group: Any = None,
     ) -> None:
-        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ConfigError(f"micro_batch_size={micro_batch_size!r} is invalid: accepted an integer >= 1.")
-        if on_nonfinite not in NONFINITE_MODES:
-            raise ConfigError(f"on_nonfinite={on_nonfinite!r} is invalid: accepted {', '.join(NONFINITE_MODES)}.")
-        config = config or ControllerConfig()
-        if energy_aware and config.policy == "noise":
+        config = _validate_arguments(model, optimizer, micro_batch_size, config, scheduler, scaler, max_grad_norm,
+                                     on_nonfinite, energy_meter, policy, dataset_size, keep_history)
+        if energy_aware and config.policy == "noise" and policy is None:
             config = config.replace(policy="energy")
         self.config = config
         self.model = model
         self.optimizer = optimizer
-        self.scheduler = scheduler
         self.scaler = scaler
         self.max_grad_norm = max_grad_norm
         self.on_nonfinite = on_nonfinite
         self.micro_batch_size = micro_batch_size
+        self.dataset_size = dataset_size
         self.process_group = process_group
         self.world_size = _world_size(process_group)
         self.granularity = micro_batch_size * self.world_size
         self._ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
-        self.min_batch = round_to_granularity(config.min_batch or self.granularity, self.granularity, 1, 1 << 62)
-        if config.max_batch < self.granularity:
-            raise ConfigError(f"ControllerConfig.max_batch={config.max_batch} is smaller than one micro-batch "
-                              f"on every process ({self.granularity}); raise max_batch or shrink the micro-batch.")
-        self.max_batch = (config.max_batch // self.granularity) * self.granularity
-        if self.min_batch > self.max_batch:
-            raise ConfigError(f"ControllerConfig.min_batch={config.min_batch} rounds to {self.min_batch}, above "
-                              f"max_batch={self.max_batch}; widen the bounds.")
+        self.min_batch, self.max_batch = self._bounds(config)
         start = config.initial_batch or config.base_batch or self.granularity
         self.batch_size = round_to_granularity(start, self.granularity, self.min_batch, self.max_batch)
         self.base_batch = config.base_batch or self.batch_size
 
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        if not params:
-            raise ConfigError("the optimizer holds no parameter that requires grad.")
-        self._params = params
-        self._max_micro_units = max(1, (config.max_micro_batch or micro_batch_size) // micro_batch_size)
-        self.memory = MicroBatchMemory.for_device(params[0].device, config.memory_fraction)
-        self._track_memory = self.memory.budget_bytes is not None and self._max_micro_units > 1
+        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._max_micro_units = max(1, (config.max_micro_batch or self.max_batch) // micro_batch_size)
+        self._data_cap_units = self._max_micro_units  # lowered by batch_sampler() to one pass of the data
+        self.memory = MicroBatchMemory.for_device(self._params[0].device, config.memory_fraction)
+        self._track_memory = self.memory.budget_bytes is not None
         self.noise_kind = self._resolve_noise_kind(config.noise_kind)
         self.lr_rule = resolve_rule(config.lr_rule, optimizer)
-        self.lr = LRScaler(self.lr_rule, self.base_batch, config.lr_warmup_steps)
-        self.estimator = NoiseScaleEstimator(config.ema_decay)
-        self.hysteresis = Hysteresis(config)
+        self.lr = LRScaler(self.lr_rule, self.base_batch, config.lr_warmup_samples)
+        self.schedule = None if scheduler is None else ScheduleFollower(scheduler, self.base_batch, config.schedule)
+        self.estimator = NoiseScaleEstimator(config.window_fraction, config.min_window)
+        self.policy: BatchPolicy = policy if policy is not None else make_policy(config)
+        self.decider = Decider(config, self.granularity, self.min_batch, self.max_batch,
+                               lambda: self._micro_cap() * self.granularity if self.planner.follows else self.granularity)
+        self.progress = ProgressTracker(config.min_efficiency) if config.min_efficiency > 0 else None
         self.energy_meter = energy_meter
         if self.energy_meter is None and config.policy in ("energy", "zeus"):
             from adabatch.energy import detect_meter
 
             self.energy_meter = detect_meter()
             log.info("adabatch energy meter: %s", self.energy_meter.describe())
-        self.policy: BatchPolicy = _make_policy(config)
+        self.clock = TrainingClock(self.energy_meter)
         self.telemetry = Telemetry(keep_history)
 
         self.steps = 0
@@ -170,46 +187,69 @@ class AdaptiveBatchController:
         self.skipped_steps = 0
         self.amp_skipped_steps = 0
         self._consecutive_nonfinite = 0
-        self._next_measure = 0
-        self._seconds_offset = 0.0
-        self._energy_offset = 0.0
-        self._t0 = time.perf_counter()
-        self._energy0 = self._read_energy()
-        self._window = (0, 0, 0.0, self._energy0)  # steps, samples, seconds, joules at the last measurement
-        self.measure_interval = config.measure_every  # steps between measurements, stretched by the budget
-        self.measure_seconds = 0.0  # time spent in measurement work, as timed by the controller
-        self._measure_cost: float | None = None  # smoothed seconds of measurement work per measured step
-        self._measure_seconds = 0.0  # measurement work of the step in progress
-        self._flush_seconds = 0.0  # the last measured step's decision time
+        self._stretch = 1  # multiplier of the measurement spacing, from the estimate's precision
+        self._changes_seen = 0
+        self.measure_interval = config.measure_every or self._spacing_steps()
+        self._measure_anchor = 0  # measured steps: anchor, anchor + interval, ...
+        self.measure_seconds = 0.0  # measurement work timed by the controller (measure_budget only)
+        self._measure_cost: float | None = None
+        self._unmeasured_samples = 0  # samples trained since the estimator last heard of them
+        self._window = (0, 0, 0.0, self.clock.joules())  # steps, samples, seconds, joules at the last measurement
         self._amp_found: Tensor | None = None
         self._factor_batch = -1  # step batch the cached LR factor was computed for (-1: stale)
         self._factor = 1.0
-        self._issued: collections.deque[int] = collections.deque()  # sizes handed to the sampler, not yet used
+        self._layers = linear_layers(model, self._params) if config.measurement != "pieces" else None
+        if config.measurement == "examples" and self._layers is None:
+            raise ConfigError("ControllerConfig.measurement='examples' needs every trainable parameter in a "
+                              "torch.nn.Linear layer; this model has others: use 'auto' or 'pieces'.")
+        self.measurement = "examples" if self._layers is not None else "pieces"
+        self.planner = StepPlanner(self.granularity, micro_batch_size, self._ddp, lambda: self.batch_size,
+                                   self._micro_cap, lambda step: self.measurement == "pieces" and self._measure_at(step))
         optimizer.zero_grad(set_to_none=True)  # stale gradients would leak into the first step
         self._reset_step_state()
-        self._plan_step()
+        self._begin_step()
 
     # ------------------------------------------------------------------ user API
 
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches that make up the step in progress."""
-        return self._k
+        return self.planner.current.k
 
     @property
     def micro_batch_planned(self) -> int:
-        """Samples per process of the micro-batches of the step in progress."""
-        return self._micro_size
+        """Samples per process of the first micro-batch of the step in progress."""
+        return self.planner.current.sizes[0]
+
+    @property
+    def noise(self) -> NoiseEstimate:
+        """The noise-scale estimate in force: value, 95 % interval, whether |G|^2 is resolved."""
+        return self.estimator.estimate()
 
     @property
     def noise_scale(self) -> float:
-        """Smoothed B_simple (preconditioned for Adam-family optimizers under ``noise_kind="auto"``)."""
+        """B_simple (preconditioned for Adam-family optimizers under ``noise_kind="auto"``).
+
+        Finite once measured: while the batch is too small to resolve |G|^2 it is the interval's
+        lower bound (see :attr:`noise`). nan before the first measurement.
+        """
         return self.estimator.b_simple
 
     @property
+    def noise_interval(self) -> tuple[float, float]:
+        """95 % interval of :attr:`noise_scale` (the upper end is inf while unresolved)."""
+        est = self.estimator.estimate()
+        return est.low, est.high
+
+    @property
+    def decisions(self) -> list[Change]:
+        """Every batch change so far, with the estimate it was based on."""
+        return self.decider.changes
+
+    @property
     def energy_joules(self) -> float | None:
-        """Joules since training started, from the energy meter (None without one)."""
-        return self._energy_since_start()
+        """Training joules so far, from the energy meter (None without one)."""
+        return self.clock.joules()
 
     @property
     def history(self) -> list[StepRecord]:
@@ -219,42 +259,51 @@ class AdaptiveBatchController:
         """Call ``fn(record)`` for every optimizer step (records arrive in groups, in order)."""
         self.telemetry.callbacks.append(fn)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep the block's time and energy out of training (evaluation, checkpointing, logging).
+
+        Paused time counts neither in the throughput profile of the goodput and energy policies,
+        nor in the measurement budget, nor in the ``seconds`` and ``energy_j`` of records.
+        """
+        with self.clock.paused():
+            yield
+
     def batch_sampler(self, num_samples: int, **kwargs: Any) -> AdaptiveBatchSampler:
         """A ``batch_sampler`` for ``DataLoader`` whose micro-batch sizes follow this controller.
 
-        Needed for micro-batch growth (``ControllerConfig.max_micro_batch``); keyword arguments go
-        to :class:`~adabatch.sampler.AdaptiveBatchSampler` (shuffle, seed, drop_last, rank).
+        With it the micro-batch grows with the batch (up to ``ControllerConfig.max_micro_batch``),
+        measured steps are split without changing their samples, and the noise estimate gets the
+        finite-population correction for ``num_samples``. Keyword arguments go to
+        :class:`~adabatch.sampler.AdaptiveBatchSampler` (shuffle, seed, drop_last, rank).
         """
-        return AdaptiveBatchSampler(self, num_samples, **kwargs)
+        sampler = AdaptiveBatchSampler(self, num_samples, **kwargs)
+        if sampler.shuffle:
+            self.dataset_size = num_samples
+        # a micro-batch never holds more than one pass: larger batches accumulate across micro-batches
+        self._data_cap_units = max(1, num_samples // self.world_size // self.micro_batch_size)
+        self.planner._ahead.clear()
+        return sampler
 
     def next_micro_batch_size(self, size: int | None = None) -> int:
-        """Reserve the next micro-batch the loader will produce and return its size (per process).
+        """Reserve the next micro-batch a loader will produce and return its size (per process).
 
-        The plan is followed ahead of the step in progress, so prefetching loaders get the sizes the
-        coming steps will use (a batch decision taken meanwhile applies a few micro-batches late).
-        ``size`` overrides the planned size (a short last batch).
+        For loaders that cannot take a sampler (an ``IterableDataset`` stream): ask before building
+        each micro-batch. The plan is followed ahead of the step in progress, so prefetching loaders
+        get the sizes the coming steps will use. ``size`` overrides the planned size (a short batch).
         """
-        if size is None:
-            ahead, k, micro = self._micro + len(self._issued), self._k, self._micro_size
-            step, next_measure, measured = self.steps, self._next_measure, self._norms is not None
-            while ahead >= k:  # walk the plan forward to the step this micro-batch will belong to
-                ahead -= k
-                if measured:
-                    next_measure = step + self.measure_interval
-                step += 1
-                measured = step >= next_measure
-                k, micro = self._plan_for(measured)
-            size = micro
-        self._issued.append(int(size))
-        return int(size)
+        if size is not None and (not _is_int(size) or size < 1):
+            raise ValueError(f"size={size!r} is invalid: a micro-batch holds an integer >= 1 samples.")
+        if not self.planner.follows:
+            self.planner.follows = True
+            if self._micro == 0 and not self.planner.issued:
+                self._reset_step_state()
+                self._begin_step()  # plan the step again: it may now grow its micro-batch, or split
+        return self.planner.next_size(size)
 
     def discard_issued(self, last: int | None = None) -> None:
         """Forget the ``last`` reserved sizes (all of them with None): those batches will not come."""
-        if last is None:
-            self._issued.clear()
-        else:
-            for _ in range(min(last, len(self._issued))):
-                self._issued.pop()
+        self.planner.discard(last)
 
     def backward(self, loss: Tensor, batch_size: int | None = None) -> None:
         """Backpropagate one micro-batch's mean loss, scaled so the step averages over all samples.
@@ -262,20 +311,22 @@ class AdaptiveBatchController:
         ``batch_size`` is the number of samples in this micro-batch when it differs from the
         planned size (a short last batch); with :meth:`batch_sampler` it is known already.
         """
-        if self._issued:
-            n = self._issued.popleft()
-            if batch_size is not None:
-                n = int(batch_size)
-        elif batch_size is None:
-            n = self._micro_size
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError("controller.backward() takes the micro-batch's mean loss, a scalar tensor; got "
+                            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}.")
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} is invalid: an integer >= 1 (samples in this micro-batch).")
+        plan = self.planner.current
+        i = self._micro
+        reserved = self.planner.take()
+        n = batch_size if batch_size is not None else reserved
+        if n is None:
+            n = plan.sizes[min(i, plan.k - 1)]
             if n != self.micro_batch_size:
                 raise RuntimeError(
-                    f"this step plans micro-batches of {n} samples (micro-batch growth, "
-                    f"ControllerConfig.max_micro_batch={self.config.max_micro_batch}), but the loader does not "
-                    "follow the controller: build it with DataLoader(..., batch_sampler=controller.batch_sampler("
-                    "len(dataset))), or pass batch_size=len(x) to backward().")
-        else:
-            n = int(batch_size)
+                    f"this step plans micro-batches of {n} samples, but the loader does not follow the controller: "
+                    "build it with DataLoader(..., batch_sampler=controller.batch_sampler(len(dataset))), ask "
+                    "controller.next_micro_batch_size() before each micro-batch, or pass batch_size=len(x).")
         self._micro += 1
         self._step_samples += n
         self._losses.append(loss)
@@ -285,25 +336,31 @@ class AdaptiveBatchController:
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         norms = self._norms
+        timed = self.config.measure_budget is not None and norms is not None
         if norms is not None:
-            t = time.perf_counter()
-            norms.before_backward(last=self._micro == self._k)
-            self._measure_seconds += time.perf_counter() - t
-        try:
-            scaled.backward()
-        except torch.OutOfMemoryError:
-            self._oom_in_backward = True
-            raise
+            t = time.perf_counter() if timed else 0.0
+            norms.before_backward(i)
+            if timed:
+                self._measure_work += time.perf_counter() - t
+        self._in_backward = True
+        scaled.backward()
+        self._in_backward = False
+        if self._ddp:  # DDP decides in the forward pass whether the backward syncs: set it for the next one
+            self.model.require_backward_grad_sync = self._micro + 1 >= plan.k
         if norms is not None:
-            t = time.perf_counter()
-            norms.after_backward()
-            self._measure_seconds += time.perf_counter() - t
-        if self._ddp and self._micro + 1 == self._k:
-            self.model.require_backward_grad_sync = True
+            t = time.perf_counter() if timed else 0.0
+            norms.after_backward(i)
+            if timed:
+                self._measure_work += time.perf_counter() - t
 
     def step(self) -> bool:
         """Step the optimizer if the step's micro-batches are all in; return whether it stepped."""
-        k = self._k
+        k = self.planner.current.k
+        if self._micro == 0:
+            raise RuntimeError(
+                "controller.step() was called with no micro-batch since the last step: call "
+                "controller.backward(loss) instead of loss.backward() (the controller scales the loss, "
+                "accumulates and measures; gradients made by loss.backward() would be discarded).")
         if self._micro < k:
             return False
         if self._micro > k:
@@ -319,17 +376,29 @@ class AdaptiveBatchController:
             self._consecutive_nonfinite = 0
 
         measurement = None
-        if self._norms is not None:
+        if isinstance(self._norms, ExampleNorms):
             t = time.perf_counter()
-            measurement = self._measure()
-            self._measure_seconds += time.perf_counter() - t
+            try:
+                measurement = self._norms.finish(self._params, self._denominators)
+            except Unsupported as exc:
+                log.info("adabatch: per-example norms unavailable (%s); measuring with pieces of the step from now on.",
+                         exc)
+                self.measurement = "pieces"
+                self.planner._ahead.clear()
+            self._measure_work += time.perf_counter() - t
+        elif self._norms is not None:
+            t = time.perf_counter()
+            measurement = self._norms.finish()
+            self._measure_work += time.perf_counter() - t
+        if measurement is not None and self.scaler is not None:  # update() rescales in place: keep this step's scale
+            measurement = torch.cat([measurement, self.scaler._get_scale_async().reshape(1).float()])
         n = self._step_samples
         if n != self._planned:
             torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], self._planned / n)
 
         step_batch = n * self.world_size
         if step_batch != self._factor_batch or self.lr.ramping:
-            self._factor = self.lr.factor_for(self.steps, step_batch, self.estimator.b_simple)
+            self._factor = self.lr.factor_for(self.samples, step_batch, self.estimator.b_simple)
             self._factor_batch = step_batch
         if self.max_grad_norm is not None:
             if self.scaler is not None:
@@ -349,25 +418,23 @@ class AdaptiveBatchController:
             if saved is not None:
                 self.lr.restore(self.optimizer, saved)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        if self.schedule is not None:
+            gain = lr_factor("adascale", step_batch, self.base_batch, self.estimator.b_simple)
+            self.schedule.advance(step_batch, gain)
 
         self.samples += step_batch
-        self.telemetry.add(step_batch, k, self._sizes[0], applied_lr, loss_value,
-                           self._seconds_offset + time.perf_counter() - self._t0)
+        self._unmeasured_samples += step_batch
+        self.telemetry.add(step_batch, k, self._sizes[0], applied_lr, loss_value, self.clock.seconds())
+        if self.progress is not None and isinstance(loss_value, float):
+            self.progress.record(self.samples, loss_value, step_batch)
         self.steps += 1
-        replan = measurement is not None or self._ddp or self._track_memory
         if self._track_memory:
-            self._observe_memory()
+            self.memory.observe(max(self._sizes) // self.micro_batch_size,
+                                float(torch.cuda.max_memory_allocated(self._params[0].device)))
         if measurement is not None:
-            self._flush(measurement)
-            replan = True
-        self._micro = 0
-        self._step_samples = 0
-        self._losses = []
-        self._sizes = []
-        if replan or self.steps >= self._next_measure:
-            self._plan_step()
+            self._flush(measurement, step_batch)
+        self._reset_step_state()
+        self._begin_step()
         return True
 
     def recover_from_oom(self) -> None:
@@ -383,22 +450,27 @@ class AdaptiveBatchController:
                 controller.recover_from_oom()
                 continue
         """
-        failed = self._micro_size // self.micro_batch_size
-        if not self._oom_in_backward and self._issued:
-            self._issued.popleft()  # the batch whose forward failed never reached backward()
+        failed = max(self._sizes or [self.planner.current.sizes[min(self._micro, self.planner.current.k - 1)]])
+        if not self._in_backward:
+            self.planner.take()  # the micro-batch whose forward failed never reached backward()
+        self._in_backward = False
+        if self._norms is not None:
+            self._norms.abandon()
         self.optimizer.zero_grad(set_to_none=True)
-        if failed <= 1:
+        units = failed // self.micro_batch_size
+        if units <= 1:
             raise RuntimeError(
                 f"out of memory at the base micro-batch ({self.micro_batch_size} samples per process), which "
                 "adabatch never goes below; lower micro_batch_size.")
-        cap = self.memory.out_of_memory(failed)
+        cap = self.memory.out_of_memory(units)
         log.warning("adabatch: out of memory with micro-batches of %d samples; the cap is now %d samples and "
-                    "this step (%d samples accumulated) was dropped.", self._micro_size,
-                    cap * self.micro_batch_size, self._step_samples)
+                    "this step (%d samples accumulated) was dropped.", failed, cap * self.micro_batch_size,
+                    self._step_samples)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self._reset_step_state()
-        self._plan_step()
+        self.planner._ahead.clear()
+        self._begin_step()
 
     def log_metrics(self, **metrics: float) -> None:
         """Attach evaluation metrics (e.g. ``accuracy=0.91``) to the latest step's record."""
@@ -411,81 +483,123 @@ class AdaptiveBatchController:
         self.telemetry.emit_until(self.steps)
 
     def stats(self) -> dict[str, Any]:
-        """Counters worth logging: steps, samples, rejected measurements, skipped steps."""
+        """Counters worth logging: steps, samples, the estimate, measurements, skipped steps."""
+        est = self.estimator.estimate()
         return {
             "steps": self.steps, "samples": self.samples, "batch_size": self.batch_size,
-            "micro_batch_size": self._micro_size, "noise_scale": self.noise_scale,
+            "micro_batch_size": self.micro_batch_planned, "noise_scale": est.value,
+            "noise_low": est.low, "noise_high": est.high, "noise_resolved": est.resolved,
             "measurements": self.estimator.measurements, "rejected_measurements": self.estimator.rejected,
-            "measure_interval": self.measure_interval,
-            "measure_share": self.measure_seconds / max(self._elapsed(), 1e-9),
+            "measure_interval": self.measure_interval, "batch_changes": len(self.decider.changes),
+            "measure_share": self.measure_seconds / max(self.clock.seconds(), 1e-9),
             "skipped_steps": self.skipped_steps, "amp_skipped_steps": self.amp_skipped_steps,
-            "lr_rule": self.lr_rule, "noise_kind": self.noise_kind,
+            "lr_rule": self.lr_rule, "noise_kind": self.noise_kind, "measurement": self.measurement,
             "energy_source": getattr(self.energy_meter, "source", None),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume with the same batch and LR trajectory."""
+        """Everything needed to resume with the same batch, LR and noise-estimate trajectory."""
         if self._micro:
             raise RuntimeError("state_dict() must be taken between optimizer steps, not in the middle of "
-                               f"one ({self._micro} of {self._k} micro-batches accumulated).")
+                               f"one ({self._micro} of {self.planner.current.k} micro-batches accumulated).")
         self.flush()
         return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
-            "micro_batch_size": self.micro_batch_size,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "base_batch": self.base_batch,
-            "steps": self.steps,
-            "samples": self.samples,
-            "next_measure": self._next_measure,
-            "measure_interval": self.measure_interval,
-            "skipped_steps": self.skipped_steps,
-            "amp_skipped_steps": self.amp_skipped_steps,
-            "seconds": self._elapsed(),
-            "energy_j": self._energy_since_start(),
+            "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
+            "batch_size": self.batch_size, "base_batch": self.base_batch,
+            "steps": self.steps, "samples": self.samples, "dataset_size": self.dataset_size,
+            "measure_interval": self.measure_interval, "measure_anchor": self._measure_anchor,
+            "measure_stretch": self._stretch,
+            "unmeasured_samples": self._unmeasured_samples,
+            "skipped_steps": self.skipped_steps, "amp_skipped_steps": self.amp_skipped_steps,
+            "clock": self.clock.state_dict(),
             "estimator": self.estimator.state_dict(),
-            "hysteresis": self.hysteresis.state_dict(),
+            "decider": self.decider.state_dict(),
+            "progress": None if self.progress is None else self.progress.state_dict(),
             "lr": self.lr.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "policy": self.policy.state_dict(),
             "memory": self.memory.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["micro_batch_size"] * state["world_size"] != self.granularity:
-            raise ConfigError(
-                f"checkpoint was taken with micro_batch_size={state['micro_batch_size']} on "
-                f"{state['world_size']} process(es); this controller has {self.micro_batch_size} on "
-                f"{self.world_size}. Resume with the same granularity.")
-        self.batch_size = state["batch_size"]
+        """Resume from :meth:`state_dict`, also on a different number of processes.
+
+        The checkpoint's config must equal this controller's (the error names what differs). On a
+        different number of processes (elastic training), the global batch, LR factor and
+        estimator state carry over and the batch is re-rounded to the new granularity (logged).
+        """
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError("load_state_dict() needs a dict made by AdaptiveBatchController.state_dict(); "
+                              f"got {type(state).__name__} without format {CHECKPOINT_FORMAT!r}"
+                              + (" (a checkpoint of adabatch 0.1, which this version cannot resume)"
+                                 if isinstance(state, dict) and "hysteresis" in state else "") + ".")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"controller checkpoint version {state.get('version')!r} cannot be resumed by this "
+                              f"version of adabatch, which reads version {CHECKPOINT_VERSION}.")
+        try:
+            saved = ControllerConfig.from_dict(state["config"])
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"the checkpoint's controller config is not valid here: {exc}") from None
+        differ = saved.diff(self.config)
+        if differ:
+            listed = ", ".join(f"{k}: checkpoint {a!r}, this controller {b!r}" for k, (a, b) in sorted(differ.items()))
+            raise ConfigError(f"the checkpoint was taken with another controller config ({listed}); build the "
+                              "controller with ControllerConfig.from_dict(state['config']) to resume it.")
         self.base_batch = state["base_batch"]
         self.lr.base_batch = self.base_batch
+        if self.schedule is not None:
+            self.schedule.base_batch = self.base_batch
+        batch = round_to_granularity(state["batch_size"], self.granularity, self.min_batch, self.max_batch)
+        if state["micro_batch_size"] * state["world_size"] != self.granularity or batch != state["batch_size"]:
+            log.warning("adabatch: checkpoint taken with %d process(es) x %d samples, resumed with %d x %d; the "
+                        "global batch %d is re-rounded to %d.", state["world_size"], state["micro_batch_size"],
+                        self.world_size, self.micro_batch_size, state["batch_size"], batch)
+        self.batch_size = batch
         self.steps, self.samples = state["steps"], state["samples"]
-        self._next_measure = state.get("next_measure", self.steps)  # absent from 0.1 checkpoints
+        self.dataset_size = state["dataset_size"] if self.dataset_size is None else self.dataset_size
+        self.measure_interval, self._measure_anchor = state["measure_interval"], state["measure_anchor"]
+        self._stretch = state["measure_stretch"]
+        self._changes_seen = self.estimator.changes
+        self._unmeasured_samples = state["unmeasured_samples"]
         self.skipped_steps, self.amp_skipped_steps = state["skipped_steps"], state["amp_skipped_steps"]
-        self._t0 = time.perf_counter()
-        self._seconds_offset = state["seconds"]
-        self._energy0 = self._read_energy()
-        self._energy_offset = state["energy_j"] or 0.0
-        self._window = (self.steps, self.samples, self._elapsed(), self._read_energy())
-        self.measure_interval = state.get("measure_interval", self.config.measure_every)
+        self.clock.load_state_dict(state["clock"])
         self.estimator.load_state_dict(state["estimator"])
-        self.hysteresis.load_state_dict(state["hysteresis"])
+        self.decider.load_state_dict(state["decider"])
+        if self.progress is not None and state["progress"] is not None:
+            self.progress.load_state_dict(state["progress"])
         self.lr.load_state_dict(state["lr"])
+        if self.schedule is not None and state["schedule"] is not None:
+            self.schedule.load_state_dict(state["schedule"])
         self.policy.load_state_dict(state["policy"])
-        if "memory" in state:
-            self.memory.load_state_dict(state["memory"])
-        self.telemetry.restart(self.steps, self.samples,
-                               (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma))
+        self.memory.load_state_dict(state["memory"])
+        self._window = (self.steps, self.samples, self.clock.seconds(), self.clock.joules())
+        est = self.estimator.estimate()
+        self.telemetry.restart(self.steps, self.samples, (est.value, est.grad_sq, est.trace, est.low, est.high))
         self._factor_batch = -1
-        self._issued.clear()
+        self.planner.issued.clear()
+        self.planner._ahead.clear()
         self._reset_step_state()
-        self._plan_step()
+        self.planner.step = self.steps
+        self._begin_step()
 
     # ------------------------------------------------------------------ internals
 
+    def _bounds(self, config: ControllerConfig) -> tuple[int, int]:
+        g = self.granularity
+        if config.max_batch < g:
+            raise ConfigError(f"ControllerConfig.max_batch={config.max_batch} is smaller than one micro-batch "
+                              f"on every process ({g}); raise max_batch or shrink the micro-batch.")
+        lo = round_to_granularity(config.min_batch or g, g, 1, 1 << 62)
+        hi = (config.max_batch // g) * g
+        if lo > hi:
+            raise ConfigError(f"ControllerConfig.min_batch={config.min_batch} rounds to {lo}, above "
+                              f"max_batch={hi}; widen the bounds.")
+        return lo, hi
+
     def _resolve_noise_kind(self, kind: str) -> str:
-        has_second_moment = isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam,
-                                                        torch.optim.RAdam))
+        has_second_moment = isinstance(self.optimizer, ADAM_FAMILY)
         if kind == "auto":
             return "preconditioned" if has_second_moment else "simple"
         if kind == "preconditioned" and not has_second_moment:
@@ -494,149 +608,177 @@ class AdaptiveBatchController:
                               "use 'simple'.")
         return kind
 
+    def _measure_at(self, step: int) -> bool:
+        return step >= self._measure_anchor and (step - self._measure_anchor) % self.measure_interval == 0
+
+    def _micro_cap(self) -> int:
+        return self.memory.cap(min(self._max_micro_units, self._data_cap_units))
+
     def _reset_step_state(self) -> None:
+        if getattr(self, "_norms", None) is not None:
+            self._norms.abandon()  # hooks never outlive their step (a no-op once finished)
         self._micro = 0
         self._step_samples = 0
         self._losses: list[Tensor] = []
         self._sizes: list[int] = []
-        self._norms: MicroBatchNorms | None = None
-        self._oom_in_backward = False
-        self._measure_seconds = 0.0
+        self._norms: PieceNorms | ExampleNorms | None = None
+        self._in_backward = False
+        self._measure_work = getattr(self, "_decision_seconds", 0.0)
+        self._decision_seconds = 0.0
+
+    def _begin_step(self) -> None:
+        """Plan the next step and, if it is measured, set up its norms."""
+        plan = self.planner.start_step(self.steps)
+        self._planned = plan.samples
+        self._denominators = None
+        if self._measure_at(self.steps) and (self.measurement == "examples" or plan.measured):
+            den, ready = None, True
+            if self.noise_kind == "preconditioned":
+                den = adam_denominators(self.optimizer, self._params)
+                ready = den is not None and self.steps >= PRECONDITIONER_WARMUP_STEPS  # Adam's moments settle first
+            if ready and self.measurement == "examples":
+                self._denominators = den
+                self._norms = ExampleNorms(self._layers, None if den is None else
+                                           example_denominators(self._layers, self._params, den))
+            elif ready:
+                self._norms = PieceNorms(self._params, plan.groups, den)
+        if self._ddp:
+            self.model.require_backward_grad_sync = self.planner.current.k == 1
+        if self._track_memory:
+            torch.cuda.reset_peak_memory_stats(self._params[0].device)
 
     def _step_loss(self) -> Tensor | float:
-        """Sample-weighted mean loss of the step: a float on CPU, else one device op at most."""
+        """Sample-weighted mean loss of the step (over all processes under DDP)."""
         losses, sizes = self._losses, self._sizes
+        if self.world_size > 1 and self.on_nonfinite != "ignore":
+            # every process must take the same skip decision and see the same loss: one small all-reduce
+            local = torch.stack([l.detach().float().reshape(()) * n for l, n in zip(losses, sizes)]).sum()
+            total = torch.stack([local, torch.tensor(float(self._step_samples), device=local.device)])
+            torch.distributed.all_reduce(total, group=self.process_group)
+            return total[0] / total[1]
         if len(losses) == 1:
             return losses[0] if self.on_nonfinite != "ignore" else losses[0].detach()
         if losses[0].device.type == "cpu":  # no device to sync with: plain floats are cheapest
             return math.fsum(l.item() * n for l, n in zip(losses, sizes)) / self._step_samples
         weights = torch.tensor(sizes, dtype=torch.float32).to(losses[0].device, non_blocking=True)
-        return (torch.stack([l.detach().float() for l in losses]) * weights).sum() / self._step_samples
+        return (torch.stack([l.detach().float().reshape(()) for l in losses]) * weights).sum() / self._step_samples
 
-    def _plan_for(self, measure: bool) -> tuple[int, int]:
-        """(micro-batches, samples per micro-batch) of a step at the current batch size."""
-        units = self.batch_size // self.granularity
-        m = _largest_divisor(units, self._micro_cap())
-        if measure and units // m == 1:
-            m = _largest_divisor(units, units - 1)  # split one micro-batch into two or more
-        k = max(units // m, 2) if measure else units // m
-        return k, m * self.micro_batch_size
-
-    def _micro_cap(self) -> int:
-        return self.memory.cap(self._max_micro_units)
-
-    def _plan_step(self) -> None:
-        """Fix the next step's micro-batches and whether it is measured."""
-        measure = self.steps >= self._next_measure
-        moments = None
-        if measure and self.noise_kind == "preconditioned":
-            moments = adam_second_moments(self.optimizer, self._params)
-            measure = moments is not None  # no second moments before the first Adam step
-        self._norms = MicroBatchNorms(self._params, moments) if measure else None
-        self._k, self._micro_size = self._plan_for(measure)
-        self._planned = self._k * self._micro_size
-        if self._ddp:
-            self.model.require_backward_grad_sync = self._k == 1
-        if self._track_memory:
-            torch.cuda.reset_peak_memory_stats(self._params[0].device)
-
-    def _observe_memory(self) -> None:
-        self.memory.observe(max(self._sizes) // self.micro_batch_size,
-                            float(torch.cuda.max_memory_allocated(self._params[0].device)))
-
-    def _measure(self) -> Tensor:
-        """Squares of every norm of this step (micro-batches alone, the sum, the AMP scale), one tensor."""
-        norms = self._norms
-        norms.finish()
-        self._layout = [len(group) for group in norms.alone] + [len(norms.total)]
-        parts = [n for group in norms.alone for n in group] + norms.total
-        if self.scaler is not None:  # update() rescales in place after the step: keep this step's value
-            parts.append(self.scaler._get_scale_async().reshape(()).float())
-        return torch.stack(parts).square()
-
-    def _flush(self, measurement: Tensor) -> None:
-        """The one host sync of a measured step: fold the measurement in, decide, emit records."""
-        seconds, joules = self._elapsed(), self._read_energy()
+    def _flush(self, measurement: Tensor, step_batch: int) -> None:
+        """The one read-back of a measured step: fold the measurement in, decide, emit records."""
+        timing = self.config.measure_budget is not None
+        seconds = self.clock.seconds() if timing or self.config.policy != "noise" else 0.0
         w_steps, w_samples, w_seconds, w_joules = self._window
         step_seconds = (seconds - w_seconds) / max(self.steps - w_steps, 1)
-        cost = self._measure_seconds + self._flush_seconds  # this step's norms, the last decision's time
         if self.world_size > 1:
-            # every rank must take the same decision and the same next measured step: average the
-            # measurement and the timings over ranks, in one all-reduce
-            timing = torch.tensor([cost, step_seconds], dtype=measurement.dtype).to(measurement.device)
-            measurement = torch.cat([measurement, timing])
+            # every rank must take the same decision: average the measurement (and timings) over ranks
+            extra = [self._measure_work, step_seconds] if timing else []
+            if extra:
+                measurement = torch.cat([measurement, torch.tensor(extra, dtype=measurement.dtype,
+                                                                   device=measurement.device)])
             torch.distributed.all_reduce(measurement, group=self.process_group)
-            measurement /= self.world_size  # small: mean over ranks; big and scale: identical on every rank
-        values = measurement.tolist()  # waits for the device: not counted as measurement cost
-        t_start = time.perf_counter()
-        if self.world_size > 1:
-            cost, step_seconds = values[-2:]
-        # micro-batch i alone held (n_i / P) scale G_{n_i}; the step's sum (N / P) scale G_N
-        planned, sizes, n = self._planned, self._sizes, self._step_samples
-        sums, at = [], 0
-        for length in self._layout:
-            sums.append(math.fsum(values[at:at + length]))
-            at += length
-        first = sizes[0]
-        same = [v for v, size in zip(sums[:-1], sizes) if size == first]  # one small size only
-        small_sq = math.fsum(same) / len(same) * (planned / first) ** 2
-        big_sq = sums[-1] * (planned / n) ** 2
+            measurement /= self.world_size
+        values = measurement.tolist()  # [pieces..., total, (AMP scale), (work, step seconds)]
+        if timing:
+            if self.world_size > 1:
+                self._measure_work, step_seconds = values[-2:]
+                values = values[:-2]
+            t_start = time.perf_counter()
+        loss_scale = 1.0
         if self.scaler is not None:
-            small_sq, big_sq = small_sq / values[at], big_sq / values[at]
-        self.estimator.update(small_sq, big_sq, float(first), float(n * self.world_size))
-        self._factor_batch = -1  # AdaScale's gain moves with the estimate
+            loss_scale = values.pop() or 1.0
+        piece_sizes, at = ([1] if isinstance(self._norms, ExampleNorms) else []), 0
+        for g in self.planner.current.groups:
+            piece_sizes.append(sum(self._sizes[at:at + g]))
+            at += g
+        pieces, total = mean_gradient_norms(values, piece_sizes, self._step_samples, self._planned, loss_scale)
+        total_size = step_batch  # the sum is over every process's samples; pieces are per process
+        self.estimator.advance(self._unmeasured_samples - step_batch)
+        self._unmeasured_samples = 0
         if self._amp_found is not None:
             self.amp_skipped_steps += int(self._amp_found.item())
             self._amp_found = None
+        if all(b < total_size for b in piece_sizes):
+            self.estimator.update_pieces(pieces, piece_sizes, total, total_size, samples=step_batch,
+                                         population=self.dataset_size)
+        else:
+            self.estimator.advance(step_batch)
+        self._factor_batch = -1  # AdaScale's gain moves with the estimate
 
-        self.policy.observe(self.batch_size, self.samples - w_samples, seconds - w_seconds,
-                            None if joules is None or w_joules is None else joules - w_joules)
-        self._window = (self.steps, self.samples, seconds, joules)
-        estimates = (self.estimator.b_simple, self.estimator.grad_sq, self.estimator.trace_sigma)
-        self.telemetry.measured(self.steps - 1, estimates, self._energy_since_start(joules),
-                                getattr(self.energy_meter, "source", None))
-
-        # warm-up and patience count measurements at the measure_every cadence: when the budget
-        # spaces measurements further apart, fewer of them (at least 2 and 1) span the same steps
-        spread = self.config.measure_every / self.measure_interval
-        warmup = self.config.warmup_measurements
-        if self.estimator.measurements >= max(min(2, warmup), math.ceil(warmup * spread)):
-            inp = PolicyInput(step=self.steps, batch=self.batch_size, base_batch=self.base_batch,
-                              noise_scale=self.estimator.b_simple, granularity=self.granularity,
-                              min_batch=self.min_batch, max_batch=self.max_batch)
-            def bounds() -> tuple[float, float]:
-                # targets rise with the noise scale, so its bounds map to the target's bounds
-                low, high = self.estimator.b_simple_bounds(self.config.confidence_z)
-                return (self.policy.propose(dataclasses.replace(inp, noise_scale=low)),
-                        self.policy.propose(dataclasses.replace(inp, noise_scale=high)))
-
-            new = self.hysteresis.decide(inp, self.policy.propose(inp), bounds,
-                                         patience=max(1, math.ceil(self.config.patience * spread)))
-            if new != self.batch_size:
-                self.lr.batch_changed(self.steps, self.batch_size, new)
-                self.batch_size = new
+        if self.config.policy != "noise":
+            joules = self.clock.joules()
+            self.policy.observe(self.batch_size, self.samples - w_samples, max(seconds - w_seconds, 1e-9),
+                                None if joules is None or w_joules is None else joules - w_joules)
+            self._window = (self.steps, self.samples, seconds, joules)
+        est = self.estimator.estimate()
+        self.telemetry.measured(self.steps - 1, (est.value, est.grad_sq, est.trace, est.low, est.high),
+                                self.clock.joules(), getattr(self.energy_meter, "source", None))
+        self._decide(est)
         self.telemetry.emit_until(self.steps - 1)  # the newest stays open for log_metrics()
-        self._schedule_next_measurement(cost, step_seconds)
-        self._measure_seconds = 0.0
-        self._flush_seconds = time.perf_counter() - t_start
+        self._schedule_next_measurement(self._measure_work, step_seconds)
+        if timing:  # this decision's time joins the next measurement's work (all-reduced with it under DDP)
+            self._decision_seconds = time.perf_counter() - t_start
+
+    def _decide(self, est: NoiseEstimate) -> None:
+        old = self.batch_size
+        new = old
+        if self.progress is not None and self.progress.pending:
+            verdicts = self.progress.verdicts(self.samples)
+            new = self.decider.judge(old, self.samples, self.steps, verdicts, est)
+            if new != old:
+                self.progress.forget()
+        if new == old:
+            inp = PolicyInput(step=self.steps, batch=old, base_batch=self.base_batch, noise_scale=est.value,
+                              granularity=self.granularity, min_batch=self.min_batch, max_batch=self.max_batch)
+            new = self.decider.decide(old, self.samples, self.steps, est,
+                                      lambda phi: self.policy.propose(dataclasses.replace(inp, noise_scale=phi)))
+            if new > old and self.progress is not None:
+                self.progress.changed(self.samples, old, new, self.estimator.window())
+        if new != old:
+            self.lr.batch_changed(self.samples, old, new)
+            self.batch_size = new
+            log.info("adabatch: batch %d -> %d at %d samples (%s; B_simple %.4g [%.4g, %.4g])", old, new,
+                     self.samples, self.decider.changes[-1].reason, est.value, est.low, est.high)
+
+    def _spacing_steps(self) -> int:
+        """Steps between measurements: a ``measurements_per_window``-th of the window, times the stretch."""
+        cfg = self.config
+        base = self.estimator.base_window()
+        # never so sparse that the window must stretch to hold MIN_MEASUREMENTS: that would make
+        # the estimate lag a noise scale that moves
+        spacing = min(base / cfg.measurements_per_window * self._stretch, base / MIN_MEASUREMENTS)
+        return int(min(max(spacing // self.batch_size, 1), cfg.max_measure_every))
 
     def _schedule_next_measurement(self, cost: float, step_seconds: float) -> None:
-        """Stretch the interval until measuring costs at most ``measure_budget`` of the time.
+        """Set the next measured step: the spacing from the window, or the fixed ``measure_every``.
 
-        ``cost`` is the time a measured step spends in measurement code (norms and the decision;
-        waiting for the device is not counted); with an average step of ``step_seconds``, an
-        interval of cost / (budget * step_seconds) steps keeps the share at the budget.
+        The spacing doubles (up to ``max_measure_every`` steps) while the estimate is tight (its
+        95 % interval within a factor TIGHT_INTERVAL) and halves while it is loose or unresolved:
+        measurements are spent where the estimate needs them, and a large batch, whose
+        measurements are precise, is measured rarely. Opt-in (``measure_budget``): stretch the
+        interval until measuring fits the time budget.
         """
         cfg = self.config
-        self.measure_seconds += cost
-        if cfg.measure_budget is not None and step_seconds > 0:
-            self._measure_cost = cost if self._measure_cost is None else 0.8 * self._measure_cost + 0.2 * cost
-            wanted = math.ceil(self._measure_cost / (cfg.measure_budget * step_seconds))
-            self.measure_interval = max(min(wanted, cfg.max_measure_every), cfg.measure_every)
-        self._next_measure = self.steps + self.measure_interval - 1
+        est = self.estimator.estimate()
+        if self.estimator.changes != self._changes_seen or self.estimator.surprise > SURPRISE:
+            self._changes_seen = self.estimator.changes  # a new regime, or a sign of one: measure densely again
+            self._stretch = 1
+        elif est.resolved and est.high <= TIGHT_INTERVAL * est.low:
+            self._stretch = min(self._stretch * 2, cfg.max_measure_every)
+        elif not est.resolved or est.high > LOOSE_INTERVAL * est.low:
+            self._stretch = max(self._stretch // 2, 1)
+        interval = cfg.measure_every or self._spacing_steps()
+        if cfg.measure_budget is not None:
+            self.measure_seconds += cost
+            if step_seconds > 0:
+                self._measure_cost = cost if self._measure_cost is None else 0.8 * self._measure_cost + 0.2 * cost
+                wanted = math.ceil(self._measure_cost / (cfg.measure_budget * step_seconds))
+                interval = max(min(wanted, cfg.max_measure_every), interval)
+        self.measure_interval = interval
+        self._measure_anchor = self.steps - 1 + interval  # the step just taken (index steps - 1) was measured
 
     def _nonfinite_step(self, loss_value: float) -> None:
         if self._norms is not None:
+            self._norms.abandon()
             self.estimator.rejected += 1  # this step's measurement is dropped with it
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
@@ -649,7 +791,7 @@ class AdaptiveBatchController:
         warnings.warn(f"adabatch: non-finite loss ({loss_value}) at step {self.steps}; step skipped, weights "
                       f"unchanged ({self.skipped_steps} skipped so far).", RuntimeWarning, stacklevel=3)
         self._reset_step_state()
-        self._plan_step()
+        self._begin_step()
 
     def _count_amp_skip(self) -> None:
         try:
@@ -658,31 +800,63 @@ class AdaptiveBatchController:
             return
         self._amp_found = found if self._amp_found is None else self._amp_found + found
 
-    def _elapsed(self) -> float:
-        return self._seconds_offset + time.perf_counter() - self._t0
 
-    def _read_energy(self) -> float | None:
-        return None if self.energy_meter is None else float(self.energy_meter.read_joules())
-
-    def _energy_since_start(self, now: float | None = None) -> float | None:
-        now = self._read_energy() if now is None else now
-        return None if now is None else self._energy_offset + now - self._energy0
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    """Largest divisor of ``n`` that is <= ``at_most`` (1 at least)."""
-    for d in range(min(n, max(at_most, 1)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-def _make_policy(config: ControllerConfig) -> BatchPolicy:
-    if config.policy == "noise":
-        return NoiseScalePolicy(config.target_factor)
-    from adabatch.goodput import make_policy
-
-    return make_policy(config)
+def _validate_arguments(model: Any, optimizer: Any, micro_batch_size: Any, config: Any, scheduler: Any,
+                        scaler: Any, max_grad_norm: Any, on_nonfinite: Any, energy_meter: Any, policy: Any,
+                        dataset_size: Any, keep_history: Any) -> ControllerConfig:
+    """One clear ConfigError for any argument the controller cannot work with."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model={type(model).__name__} is invalid: pass the torch.nn.Module being trained "
+                          "(or its DistributedDataParallel wrapper).")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer={type(optimizer).__name__} is invalid: pass a torch.optim.Optimizer "
+                          "built on the model's parameters.")
+    if not _is_int(micro_batch_size) or micro_batch_size < 1:
+        raise ConfigError(f"micro_batch_size={micro_batch_size!r} is invalid: accepted an integer >= 1.")
+    if config is None:
+        config = ControllerConfig()
+    elif isinstance(config, dict):
+        raise ConfigError("config must be a ControllerConfig, not a dict: pass ControllerConfig(**values) or "
+                          "ControllerConfig.from_dict(values).")
+    elif not isinstance(config, ControllerConfig):
+        raise ConfigError(f"config={type(config).__name__} is invalid: pass a ControllerConfig (or None).")
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if not params:
+        raise ConfigError("the optimizer holds no parameter that requires grad.")
+    model_params = {id(p) for p in model.parameters()}
+    if not model_params:
+        raise ConfigError(f"model {type(model).__name__} has no parameters to train.")
+    if not any(id(p) in model_params for p in params):
+        raise ConfigError("none of the optimizer's parameters belong to the model: build the optimizer on "
+                          "model.parameters().")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(f"scheduler={type(scheduler).__name__} has no step(): pass a torch.optim.lr_scheduler "
+                          "object, or None.")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError("scheduler=ReduceLROnPlateau steps on a metric: call scheduler.step(metric) yourself "
+                          "and do not pass it to the controller (its LR factor composes with it).")
+    if scaler is not None and not all(callable(getattr(scaler, m, None)) for m in ("scale", "step", "update")):
+        raise ConfigError(f"scaler={type(scaler).__name__} is invalid: pass a torch.amp.GradScaler, or None.")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+                                          and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ConfigError(f"max_grad_norm={max_grad_norm!r} is invalid: accepted None or a number > 0.")
+    if on_nonfinite not in NONFINITE_MODES:
+        raise ConfigError(f"on_nonfinite={on_nonfinite!r} is invalid: accepted {', '.join(NONFINITE_MODES)}.")
+    if energy_meter is not None and not callable(getattr(energy_meter, "read_joules", None)):
+        raise ConfigError(f"energy_meter={type(energy_meter).__name__} has no read_joules(): pass an "
+                          "adabatch.energy meter, or None.")
+    if policy is not None and not isinstance(policy, BatchPolicy):
+        raise ConfigError(f"policy={type(policy).__name__} is invalid: pass an adabatch.policy.BatchPolicy "
+                          "instance, or set ControllerConfig.policy.")
+    if dataset_size is not None and (not _is_int(dataset_size) or dataset_size < 1):
+        raise ConfigError(f"dataset_size={dataset_size!r} is invalid: accepted None or an integer >= 1.")
+    if not isinstance(keep_history, bool):
+        raise ConfigError(f"keep_history={keep_history!r} is invalid: accepted True or False.")
+    return config
 
 
 def _world_size(group: Any) -> int:

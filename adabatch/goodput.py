@@ -3,12 +3,8 @@
 Progress per sample falls as the batch grows (:func:`statistical_efficiency`); samples per second
 and per joule usually rise with it. :class:`ThroughputProfile` learns the second half online from
 windows of steps, and :class:`GoodputPolicy` multiplies the two and picks the best batch on a grid.
-:func:`make_policy` builds the policy a :class:`~adabatch.config.ControllerConfig` names.
-
-Example:
-    >>> from adabatch.config import ControllerConfig
-    >>> type(make_policy(ControllerConfig(policy="zeus", eta=0.3))).__name__
-    'GoodputPolicy'
+:func:`adabatch.policy.make_policy` builds the policy a :class:`~adabatch.config.ControllerConfig` names.
+These policies read wall time (and joules), so a run that uses them is not reproducible bit for bit.
 """
 
 from __future__ import annotations
@@ -17,8 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from adabatch.config import ConfigError, ControllerConfig
-from adabatch.policy import BatchPolicy, NoiseScalePolicy, PolicyInput, round_to_granularity
+from adabatch.policy import BatchPolicy, PolicyInput, round_to_granularity
 
 OBJECTIVES = ("time", "energy", "zeus")
 # Above this many multiples of the granularity, candidates are a geometric grid instead.
@@ -304,28 +299,3 @@ class GoodputPolicy(BatchPolicy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.profile.load_state_dict(state["profile"])
-
-
-def make_policy(config: ControllerConfig) -> BatchPolicy:
-    """The policy ``config.policy`` names; Zeus reads ``max_power_w`` from ``config.extra`` if set.
-
-    Example:
-        >>> from adabatch.config import ControllerConfig
-        >>> make_policy(ControllerConfig(policy="energy")).objective
-        'energy'
-    """
-    if config.policy == "noise":
-        return NoiseScalePolicy(config.target_factor)
-    if config.policy == "goodput":
-        return GoodputPolicy("time")
-    if config.policy == "energy":
-        return GoodputPolicy("energy")
-    if config.policy == "zeus":
-        power = config.extra.get("max_power_w")
-        if power is not None and not (isinstance(power, (int, float)) and not isinstance(power, bool)
-                                      and math.isfinite(power) and power > 0):
-            raise ConfigError(f"ControllerConfig.extra['max_power_w']={power!r} is invalid: accepted a "
-                              "number of watts > 0, or leave it out to use the highest power observed.")
-        return GoodputPolicy("zeus", eta=config.eta, max_power_w=None if power is None else float(power))
-    raise ConfigError(f"ControllerConfig.policy={config.policy!r} has no policy; accepted noise, goodput, "
-                      "energy, zeus.")

@@ -64,16 +64,17 @@ def lr_factor(rule: str, batch: float, base_batch: float, noise_scale: float = m
 
 
 class LRScaler:
-    """Applies a batch-dependent LR factor around ``optimizer.step()``, with optional warm-up.
+    """Applies a batch-dependent LR factor around ``optimizer.step()``, with an optional ramp.
 
     After the batch grows, the factor ramps linearly from its old value to the new rule's value
-    over ``warmup_steps`` optimizer steps (Goyal et al. 2017's gradual warm-up, applied per change).
+    over ``warmup_samples`` samples (Goyal et al. 2017's gradual warm-up, applied per change and
+    counted in samples, so it lasts as long in data at any batch size).
     """
 
-    def __init__(self, rule: str, base_batch: int, warmup_steps: int = 0) -> None:
+    def __init__(self, rule: str, base_batch: int, warmup_samples: int = 0) -> None:
         self.rule = rule
         self.base_batch = base_batch
-        self.warmup_steps = warmup_steps
+        self.warmup_samples = warmup_samples
         self.factor = 1.0  # factor applied at the last step
         self._ramp_from: float | None = None
         self._ramp_start = 0
@@ -83,14 +84,15 @@ class LRScaler:
         """True while a warm-up ramp is under way (the factor changes every step)."""
         return self._ramp_from is not None
 
-    def batch_changed(self, step: int, old_batch: int, new_batch: int) -> None:
-        if self.warmup_steps > 0 and new_batch > old_batch:
-            self._ramp_from, self._ramp_start = self.factor, step
+    def batch_changed(self, samples: int, old_batch: int, new_batch: int) -> None:
+        if self.warmup_samples > 0 and new_batch > old_batch:
+            self._ramp_from, self._ramp_start = self.factor, samples
 
-    def factor_for(self, step: int, batch: int, noise_scale: float) -> float:
+    def factor_for(self, samples: int, batch: int, noise_scale: float) -> float:
+        """The factor for a step that starts after ``samples`` samples."""
         target = lr_factor(self.rule, batch, self.base_batch, noise_scale)
         if self._ramp_from is not None:
-            done = (step - self._ramp_start + 1) / self.warmup_steps
+            done = (samples - self._ramp_start + batch) / self.warmup_samples
             if done >= 1.0:
                 self._ramp_from = None
             else:
@@ -117,3 +119,70 @@ class LRScaler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factor, self._ramp_from, self._ramp_start = state["factor"], state["ramp_from"], state["ramp_start"]
 
+
+SCHEDULE_MODES = ("samples", "progress", "steps")
+
+
+class ScheduleFollower:
+    """Steps the user's LR scheduler so that it follows samples, not optimizer steps.
+
+    A scheduler sized for the base batch B0 (``total_steps = sample budget / B0``) ends when the
+    sample budget ends, whatever batches were used, when it is advanced by samples / B0 after each
+    step (``mode="samples"``, the default). ``mode="progress"`` advances it by AdaScale's
+    scale-invariant iterations instead, the sum of the gains r_t (Johnson et al. 2020, Sec. 3), which
+    counts a large step as worth less than its samples when the noise is small. ``mode="steps"``
+    steps it once per optimizer step (a schedule sized in optimizer steps).
+
+    Fractions carry over, so the scheduler has been stepped floor(progress) times at any point.
+    Schedulers with a fixed length (``OneCycleLR``'s ``total_steps``) are never stepped past it.
+    ``ReduceLROnPlateau`` needs a metric and is stepped by the user, not here.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        >>> follow = ScheduleFollower(sched, base_batch=32)
+        >>> opt.step()  # the controller steps the optimizer, then advances the schedule
+        >>> follow.advance(samples=128)  # one optimizer step of 128 samples: four base steps
+        >>> sched.last_epoch, round(opt.param_groups[0]["lr"], 3)
+        (4, 0.2)
+    """
+
+    def __init__(self, scheduler: Any, base_batch: int, mode: str = "samples") -> None:
+        if mode not in SCHEDULE_MODES:
+            raise ValueError(f"schedule mode {mode!r}: use one of {', '.join(SCHEDULE_MODES)}")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError("ReduceLROnPlateau steps on a metric: call scheduler.step(metric) yourself and do "
+                            "not pass it as scheduler= (the controller's LR factor composes with it).")
+        if not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler={scheduler!r} has no step() method; pass a torch.optim.lr_scheduler "
+                            "object (or None).")
+        self.scheduler = scheduler
+        self.base_batch = base_batch
+        self.mode = mode
+        self.progress = 0.0  # base-batch steps owed to the scheduler so far
+        self.stepped = 0  # scheduler.step() calls made
+
+    def advance(self, samples: float, gain: float = 1.0) -> None:
+        """Account for one optimizer step of ``samples`` samples (``gain``: AdaScale's r, mode "progress")."""
+        if self.mode == "steps":
+            self.progress += 1.0
+        elif self.mode == "samples":
+            self.progress += samples / self.base_batch
+        else:
+            self.progress += gain
+        due = int(math.floor(self.progress + 1e-9))
+        while self.stepped < due and not _at_end(self.scheduler):
+            self.scheduler.step()
+            self.stepped += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"progress": self.progress, "stepped": self.stepped, "mode": self.mode}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.progress, self.stepped = float(state["progress"]), int(state["stepped"])
+
+
+def _at_end(scheduler: Any) -> bool:
+    """True when a fixed-length scheduler (OneCycleLR) would raise on one more step."""
+    total = getattr(scheduler, "total_steps", None)
+    return isinstance(total, int) and scheduler.last_epoch >= total - 1

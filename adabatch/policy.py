@@ -1,10 +1,10 @@
-"""Batch policies: what effective batch to aim for, and when to actually move to it.
+"""Batch policies: what effective batch to aim for, given a noise scale.
 
-A policy proposes a *target* batch from what is known now (the noise-scale estimate, the current
-batch, and for goodput or energy policies an online throughput profile). :class:`Hysteresis` turns
-targets into decisions: it moves only when the target leaves a dead band around the current batch,
-never by more than ``max_change_factor`` at once, never during a cooldown, and always to a multiple
-of the batch granularity (micro-batch size times the number of processes).
+A policy proposes a *target* batch from what is known now (a noise scale, the current batch, and for
+goodput or energy policies an online throughput profile). Targets never fall as the noise scale
+rises, so :class:`~adabatch.decide.Decider` can map the noise scale's confidence interval to a range
+of targets and move only when the whole range says so. Pass a :class:`BatchPolicy` instance to the
+controller, or name one in ``ControllerConfig.policy`` (:func:`make_policy` is the registry).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from adabatch.config import ControllerConfig
+from adabatch.config import ConfigError, ControllerConfig
 
 
 @dataclass(frozen=True)
@@ -76,57 +76,29 @@ def round_to_granularity(batch: float, granularity: int, min_batch: int, max_bat
     return int(min(max(snapped, lo), hi))
 
 
-class Hysteresis:
-    """Turns a policy's targets into batch changes without thrashing.
+def make_policy(config: ControllerConfig) -> BatchPolicy:
+    """The policy ``config.policy`` names (the one registry of policy names).
 
-    Rules, in order: no decision while the target is unknown (nan) or a cooldown runs; grow only when
-    the target's lower bound is ``>= grow_threshold * batch``, shrink only when its upper bound is
-    ``<= shrink_threshold * batch``;
-    the target must stay on the same side of the band for ``patience`` consecutive decisions; the
-    step is capped at ``max_change_factor`` and snapped to the granularity and bounds.
+    ``zeus`` reads ``max_power_w`` from ``config.extra`` if set.
+
+    Example:
+        >>> type(make_policy(ControllerConfig(policy="energy"))).__name__
+        'GoodputPolicy'
     """
+    if config.policy == "noise":
+        return NoiseScalePolicy(config.target_factor)
+    from adabatch.goodput import GoodputPolicy
 
-    def __init__(self, config: ControllerConfig) -> None:
-        self.config = config
-        self.last_change_step: int | None = None
-        self.streak = 0  # consecutive decisions outside the band, signed: + grow, - shrink
-
-    def decide(self, inp: PolicyInput, target: float,
-               bounds: Callable[[], tuple[float, float]] | None = None, patience: int | None = None) -> int:
-        """New batch for ``target``; ``bounds()`` gives the target's (low, high) uncertainty.
-
-        The batch grows only if even ``low`` clears the grow threshold and shrinks only if even
-        ``high`` is under the shrink threshold, so an estimate that is merely noisy never moves it.
-        ``bounds`` is called only when the point target is outside the band. ``patience`` overrides
-        the config's (the controller lowers it when measurements are spaced further apart).
-        """
-        cfg = self.config
-        if math.isnan(target) or target <= 0:
-            return inp.batch  # no opinion; +inf (no signal left in the mean gradient) means grow
-        if self.last_change_step is not None and inp.step - self.last_change_step < cfg.cooldown_steps:
-            return inp.batch
-        batch = inp.batch
-        outside = target >= cfg.grow_threshold * batch or target <= cfg.shrink_threshold * batch
-        low, high = bounds() if outside and bounds is not None else (target, target)
-        if low >= cfg.grow_threshold * batch:
-            self.streak = max(self.streak, 0) + 1
-            wanted = min(target, batch * cfg.max_change_factor)
-        elif high <= cfg.shrink_threshold * batch:
-            self.streak = min(self.streak, 0) - 1
-            wanted = max(target, batch / cfg.max_change_factor)
-        else:
-            self.streak = 0
-            return batch
-        if abs(self.streak) < (cfg.patience if patience is None else patience):
-            return batch
-        new = round_to_granularity(wanted, inp.granularity, inp.min_batch, inp.max_batch)
-        if new != batch:
-            self.last_change_step = inp.step
-            self.streak = 0
-        return new
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_change_step": self.last_change_step, "streak": self.streak}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_change_step, self.streak = state["last_change_step"], state["streak"]
+    if config.policy == "goodput":
+        return GoodputPolicy("time")
+    if config.policy == "energy":
+        return GoodputPolicy("energy")
+    if config.policy == "zeus":
+        power = config.extra.get("max_power_w")
+        if power is not None and not (isinstance(power, (int, float)) and not isinstance(power, bool)
+                                      and math.isfinite(power) and power > 0):
+            raise ConfigError(f"ControllerConfig.extra['max_power_w']={power!r} is invalid: accepted a "
+                              "number of watts > 0, or leave it out to use the highest power observed.")
+        return GoodputPolicy("zeus", eta=config.eta, max_power_w=None if power is None else float(power))
+    raise ConfigError(f"ControllerConfig.policy={config.policy!r} has no policy; accepted noise, goodput, "
+                      "energy, zeus.")

@@ -46,29 +46,60 @@ class AdaptiveBatchSampler:
         self.world_size = controller.world_size
         self.rank = _rank(controller.process_group) if rank is None else rank
         self.epoch = 0
+        self._current = (0, 0)  # (epoch, samples handed out) of the pass in progress
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, int]:
+        """Where the controller is in the data: the pass and the samples it has consumed from it.
+
+        Micro-batches handed out but not yet consumed (prefetched) are not counted, so a resumed
+        run sees them again. Take it between optimizer steps, with the controller's state.
+        """
+        epoch, handed = self._current
+        pending = sum(self.controller.planner.issued) * self.world_size
+        return {"epoch": epoch, "position": handed - pending, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the pass of ``state`` where the controller left it (the next iteration)."""
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise ValueError(f"sampler state of {state['num_samples']} samples, seed {state['seed']}, cannot resume a "
+                             f"sampler of {self.num_samples} samples, seed {self.seed}.")
+        self._resume = (state["epoch"], state["position"])
+
     def __iter__(self) -> Iterator[list[int]]:
         ctl = self.controller
         ctl.discard_issued()  # an earlier pass that was left early must not leave its sizes behind
+        pos = 0
+        if self._resume is not None:
+            self.epoch, pos = self._resume
+            self._resume = None
         if self.shuffle:
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.num_samples)
+        epoch = self.epoch
         self.epoch += 1
-        pos, world = 0, self.world_size
+        world = self.world_size
+        self._current = (epoch, pos)
+        start = pos
         while pos < self.num_samples:
             n = ctl.next_micro_batch_size()
             left = (self.num_samples - pos) // world
             if left < n:  # the pass ends here: a short batch, or none
                 ctl.discard_issued(last=1)
+                if pos == start == 0 and (self.drop_last or left == 0):
+                    raise ValueError(f"the controller planned a micro-batch of {n} samples per process, more than one "
+                                     f"pass over {self.num_samples} samples on {world} process(es) holds; build the "
+                                     "sampler with controller.batch_sampler(len(dataset)).")
                 if self.drop_last or left == 0:
                     return
                 n = ctl.next_micro_batch_size(left)
             chunk = order[pos:pos + n * world]
             pos += n * world
+            self._current = (epoch, pos)
             yield chunk[self.rank::world].tolist()
 
     def __len__(self) -> int:

@@ -17,10 +17,10 @@ import torch
 
 RECORD_FIELDS = (
     "step", "samples", "batch", "micro_batches", "micro_batch_size", "b_simple", "grad_sq",
-    "trace_sigma", "lr", "loss", "measured", "seconds", "energy_j",
+    "trace_sigma", "lr", "loss", "measured", "seconds", "energy_j", "noise_low", "noise_high",
 )
 
-_NAN3 = (math.nan, math.nan, math.nan)
+_NAN5 = (math.nan,) * 5
 
 
 @dataclass
@@ -30,9 +30,12 @@ class StepRecord:
     ``samples`` counts all samples seen up to and including this step; ``micro_batch_size`` is the
     size of the step's first micro-batch on one process; ``b_simple``, ``grad_sq`` and
     ``trace_sigma`` are the smoothed estimates in force after the step (nan before the first
-    measurement); ``lr`` is the learning rate of the first parameter group as applied to this
-    step; ``seconds`` is wall time since the controller started; ``energy_j`` is cumulative joules
-    from the controller's energy meter at measured steps, if it has one (see ``energy_source``).
+    measurement), ``noise_low`` and ``noise_high`` the 95 % interval of ``b_simple`` (``noise_high``
+    is inf while |G|^2 is not resolved; ``b_simple`` is then the lower bound); ``lr`` is the
+    learning rate of the first parameter group as applied to this step; ``seconds`` is training
+    wall time since the controller started (evaluation inside ``controller.paused()`` excluded);
+    ``energy_j`` is cumulative training joules from the controller's energy meter at measured
+    steps, if it has one (see ``energy_source``).
     """
 
     step: int
@@ -50,6 +53,8 @@ class StepRecord:
     energy_j: float | None = None
     energy_source: str | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    noise_low: float = math.nan
+    noise_high: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,7 +72,7 @@ class Telemetry:
     Example:
         >>> tel = Telemetry()
         >>> tel.add(batch=64, micro_batches=2, micro_batch_size=32, lr=0.1, loss=2.3, seconds=0.5)
-        >>> tel.measured(0, (100.0, 1.0, 100.0))
+        >>> tel.measured(0, (100.0, 1.0, 100.0, 80.0, 130.0))
         >>> tel.emit_until(1)
         >>> r = tel.history[0]; (r.step, r.samples, r.b_simple, r.measured)
         (0, 64, 100.0, True)
@@ -80,19 +85,19 @@ class Telemetry:
         self.emitted = 0  # steps released to callbacks and history
         self._first = 0  # step of column index 0
         self._samples_before = 0  # samples of the steps before _first
-        self._in_force = _NAN3  # estimates in force before _first
+        self._in_force = _NAN5  # estimates in force before _first
         self._batch: list[int] = []
         self._micro_batches: list[int] = []
         self._micro_size: list[int] = []
         self._lr: list[float] = []
         self._loss: list[Any] = []
         self._seconds: list[float] = []
-        self._estimates: dict[int, tuple[float, float, float]] = {}  # measured step -> estimates after it
+        self._estimates: dict[int, tuple[float, ...]] = {}  # measured step -> estimates after it
         self._energy: dict[int, tuple[float | None, str | None]] = {}
         self._metrics: dict[int, dict[str, float]] = {}
         self._records: list[StepRecord] = []  # built records of steps [_first, _first + len)
 
-    def restart(self, first_step: int, samples_before: int, estimates: tuple[float, float, float]) -> None:
+    def restart(self, first_step: int, samples_before: int, estimates: tuple[float, ...]) -> None:
         """Start the columns over at ``first_step`` (a resumed run); earlier records are dropped."""
         callbacks = self.callbacks
         self.__init__(self.keep_history)
@@ -111,9 +116,9 @@ class Telemetry:
         self._seconds.append(seconds)
         self.steps += 1
 
-    def measured(self, step: int, estimates: tuple[float, float, float], energy_j: float | None = None,
+    def measured(self, step: int, estimates: tuple[float, ...], energy_j: float | None = None,
                  energy_source: str | None = None) -> None:
-        """Mark ``step`` as measured; ``estimates`` (B_simple, |G|^2, tr Sigma) hold from it on."""
+        """Mark ``step`` as measured; ``estimates`` (B_simple, |G|^2, tr Sigma, low, high) hold from it on."""
         self._estimates[step] = estimates
         if energy_j is not None:
             self._energy[step] = (energy_j, energy_source)
@@ -175,7 +180,7 @@ class Telemetry:
             self._loss[lo:hi] = losses
         if self._records:
             last = self._records[-1]
-            samples, in_force = last.samples, (last.b_simple, last.grad_sq, last.trace_sigma)
+            samples, in_force = last.samples, _estimates_of(last)
         else:
             samples, in_force = self._samples_before, self._in_force
         for j in range(lo, hi):
@@ -189,14 +194,14 @@ class Telemetry:
                 micro_batch_size=self._micro_size[j], b_simple=in_force[0], grad_sq=in_force[1],
                 trace_sigma=in_force[2], lr=float(self._lr[j]), loss=float(self._loss[j]), measured=est is not None,
                 seconds=self._seconds[j], energy_j=energy, energy_source=source,
-                metrics=self._metrics.pop(step, {}),
+                metrics=self._metrics.pop(step, {}), noise_low=in_force[3], noise_high=in_force[4],
             ))
 
     def _drop_until(self, stop: int) -> None:
         n = stop - self._first
         if self._records and len(self._records) >= n:
             last = self._records[n - 1]
-            self._samples_before, self._in_force = last.samples, (last.b_simple, last.grad_sq, last.trace_sigma)
+            self._samples_before, self._in_force = last.samples, _estimates_of(last)
         for col in (self._batch, self._micro_batches, self._micro_size, self._lr, self._loss, self._seconds):
             del col[:n]
         del self._records[:n]
@@ -204,3 +209,7 @@ class Telemetry:
             for step in [s for s in table if s < stop]:
                 del table[step]
         self._first = stop
+
+
+def _estimates_of(record: StepRecord) -> tuple[float, ...]:
+    return (record.b_simple, record.grad_sq, record.trace_sigma, record.noise_low, record.noise_high)

@@ -14,8 +14,8 @@ from torch import nn
 from adabatch import AdaptiveBatchController, ControllerConfig
 
 DIM, MICRO, STEPS = 16, 8, 1200
-CFG = dict(initial_batch=16, min_batch=16, max_batch=512, measure_every=1, measure_budget=None, cooldown_steps=10,
-           ema_decay=0.99, lr_rule="none")  # a fixed small LR keeps |w - w*| (hence the true noise scale) nearly constant
+CFG = dict(initial_batch=16, min_batch=16, max_batch=512, lr_rule="none")  # the default cadence and decisions;
+# a fixed small LR keeps |w - w*| (hence the true noise scale) nearly constant
 
 
 def _free_port() -> int:
@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             ctl.backward(0.5 * ((ddp(x).squeeze(1) - y) ** 2).mean())
             if ctl.step():
                 trajectory.append(ctl.batch_size)
-        # the default, timed measurement cadence: each rank times itself, yet they must stay in lockstep
+        # the opt-in timed measurement cadence: each rank times itself, yet they must stay in lockstep
         timed = AdaptiveBatchController(ddp, opt, MICRO, ControllerConfig(**{**CFG, "measure_budget": 0.005,
                                                                                 "max_measure_every": 16}))
         while timed.steps < 300:

@@ -8,9 +8,8 @@ import math
 import pytest
 
 from adabatch.config import ConfigError, ControllerConfig
-from adabatch.goodput import (GoodputPolicy, LinearFit, ThroughputProfile, candidate_batches, fit_linear,
-                              make_policy, statistical_efficiency)
-from adabatch.policy import NoiseScalePolicy, PolicyInput
+from adabatch.goodput import GoodputPolicy, LinearFit, ThroughputProfile, candidate_batches, fit_linear, statistical_efficiency
+from adabatch.policy import NoiseScalePolicy, PolicyInput, make_policy
 
 # Synthetic machine: seconds per step 0.064 + 0.001 B, joules per step 4 + 1 B. Power per step
 # (4 + B) / (0.064 + 0.001 B) rises from 375 W at B=32 to 812 W at B=256, so the time-optimal and

@@ -44,13 +44,12 @@ def _run(config: ControllerConfig, steps: int, loader_workers: int = 0, model: n
 
 
 def _fixed(batch: int, **kw) -> ControllerConfig:
-    return ControllerConfig(initial_batch=batch, min_batch=batch, max_batch=batch, measure_budget=None,
-                            lr_rule="none", **kw)
+    return ControllerConfig(initial_batch=batch, min_batch=batch, max_batch=batch, lr_rule="none", **kw)
 
 
 def test_grown_micro_batches_train_exactly_like_accumulated_ones():
-    small, ctl_small, sizes_small = _run(_fixed(128), 40)
-    grown, ctl_grown, sizes_grown = _run(_fixed(128, max_micro_batch=128), 40)
+    small, ctl_small, sizes_small = _run(_fixed(128, max_micro_batch=16, measure_every=4, measurement="pieces"), 40)
+    grown, ctl_grown, sizes_grown = _run(_fixed(128, measure_every=4, measurement="pieces"), 40)  # follows the batch
     assert set(sizes_small) == {16}
     assert max(sizes_grown) == 128  # one micro-batch per unmeasured step
     assert 64 in sizes_grown  # measured steps split the batch in two, never a 2x bigger step
@@ -60,16 +59,18 @@ def test_grown_micro_batches_train_exactly_like_accumulated_ones():
 
 
 def test_micro_batch_follows_a_growing_batch_up_to_its_cap():
-    cfg = ControllerConfig(initial_batch=16, max_batch=512, max_micro_batch=64, measure_budget=None,
-                           measure_every=1, warmup_measurements=2, patience=1, cooldown_steps=2, target_factor=50.0)
+    cfg = ControllerConfig(initial_batch=16, max_batch=512, max_micro_batch=64, measure_every=1, target_factor=50.0,
+                           min_efficiency=0)
     _, ctl, _ = _run(cfg, 60)
-    grown = [r for r in ctl.history if r.batch >= 256]
-    assert grown, "a large target factor should have grown the batch"
-    assert all(r.micro_batch_size == 64 and r.micro_batches == r.batch // 64 for r in grown)
+    grown = [r for r in ctl.history if r.batch >= 64]
+    assert grown and max(r.batch for r in grown) >= 256, "a large target factor should have grown the batch"
+    # above the cap the batch moves in whole micro-batches of 64, so every micro-batch is full
+    assert all(r.batch % 64 == 0 and r.micro_batches == r.batch // 64 * (2 if r.batch == 64 else 1)
+               for r in grown if not r.measured or r.batch > 64)
 
 
 def test_prefetching_workers_get_the_planned_sizes():
-    _, ctl, sizes = _run(_fixed(64, max_micro_batch=64, measure_every=3), 30, loader_workers=2)
+    _, ctl, sizes = _run(_fixed(64, measure_every=3, measurement="pieces"), 30, loader_workers=2)
     assert [r.batch for r in ctl.history] == [64] * 30  # no step got a stale size
     assert sizes.count(32) == 2 * sum(r.measured for r in ctl.history)
 
@@ -77,9 +78,11 @@ def test_prefetching_workers_get_the_planned_sizes():
 def test_growth_without_a_controller_driven_loader_is_a_clear_error():
     model = _mlp()
     ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.1), 16,
-                                  _fixed(64, max_micro_batch=64, measure_every=1000))
+                                  _fixed(64, measure_every=1000, max_measure_every=1000))
+    ctl.next_micro_batch_size()  # a loader that followed once, then stopped asking
     x, y = _dataset()[:16]
-    with pytest.raises(RuntimeError, match="batch_sampler"):  # 2 x 32 planned, 16 would arrive
+    ctl.backward(nn.functional.cross_entropy(model(x), y), batch_size=16)  # told: fine
+    with pytest.raises(RuntimeError, match="batch_sampler"):  # 64 planned in one micro-batch, 16 would arrive
         ctl.backward(nn.functional.cross_entropy(model(x), y))
 
 
@@ -101,7 +104,7 @@ class _OOMAbove(nn.Module):
 def test_out_of_memory_lowers_the_micro_batch_cap_and_training_goes_on():
     model = _OOMAbove(_mlp(), limit=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = AdaptiveBatchController(model, opt, 16, _fixed(128, max_micro_batch=128, measure_every=4))
+    ctl = AdaptiveBatchController(model, opt, 16, _fixed(128, measure_every=4))
     ds = _dataset()
     before = [p.detach().clone() for p in model.parameters()]
     dropped_weights_equal = None
@@ -150,14 +153,15 @@ def test_memory_line_is_fitted_from_observed_peaks_and_caps_growth():
     assert MicroBatchMemory().cap(1_000) == 1_000  # no budget (CPU): only OOMs limit growth
 
 
-def test_measurement_interval_stretches_to_the_time_budget():
+def test_measurement_interval_stretches_to_the_time_budget_only_when_asked():
     model = nn.Linear(4, 1)  # a step of a few microseconds: measuring is relatively expensive
     cfg = ControllerConfig(measure_every=2, max_measure_every=40, measure_budget=0.001, initial_batch=8, max_batch=8)
-    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.01), 4, cfg)
-    fixed = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.01), 4,
-                                    cfg.replace(measure_budget=None))
     x, y = torch.randn(4, 4), torch.randn(4, 1)
-    for c in (ctl, fixed):
+    ctl = fixed = None
+    for c in ("timed", "fixed"):
+        c = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.01), 4,
+                                    cfg if c == "timed" else cfg.replace(measure_budget=None))
+        ctl, fixed = (c, None) if ctl is None else (ctl, c)
         while c.steps < 400:
             c.backward(nn.functional.mse_loss(model(x), y))
             c.step()
@@ -165,3 +169,16 @@ def test_measurement_interval_stretches_to_the_time_budget():
     assert ctl.estimator.measurements <= 400 / 40 + 5  # the first few run at the minimum interval
     assert fixed.estimator.measurements == 200
     assert math.isfinite(ctl.noise_scale)
+
+
+def test_default_cadence_spaces_measurements_a_sixteenth_of_the_window_apart():
+    model = nn.Linear(4, 1)
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.01), 4,
+                                  ControllerConfig(initial_batch=32, min_batch=32, max_batch=32))
+    g = torch.Generator().manual_seed(0)
+    while ctl.samples < 40_000:
+        ctl.backward(nn.functional.mse_loss(model(torch.randn(4, 4, generator=g)), torch.randn(4, 1, generator=g)))
+        ctl.step()
+    window = ctl.estimator.window()  # 0.1 x 40,000 = 4,000 samples: a measurement every 250, i.e. 7 steps of 32
+    assert ctl.measure_interval == (window / 16) // 32
+    assert 28 <= ctl.noise.measurements <= 36  # an exponential window's effective count: about 2 x 16
