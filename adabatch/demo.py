@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,14 +17,51 @@ from adabatch.workloads import WORKLOADS, train
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="mnist1d-mlp", choices=sorted(WORKLOADS),
                         help="built-in workload (default: mnist1d-mlp, generated offline)")
-    parser.add_argument("--samples", type=int, default=None, help="training budget in samples")
-    parser.add_argument("--config", type=Path, default=None,
+    parser.add_argument("--samples", type=_int_in(1, 10**12), default=None,
+                        help="training budget in samples (default: the workload's)")
+    parser.add_argument("--config", type=_existing_file, default=None,
                         help="controller config JSON (e.g. from 'adabatch study export')")
     parser.add_argument("--energy-aware", action="store_true",
                         help="pick batches by statistical progress per joule (estimated here without RAPL/NVML)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("adabatch-out"), help="folder for the plot and trace")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives steady timings)")
+    parser.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="random seed, 0 to 2**32 - 1")
+    parser.add_argument("--out", type=_folder, default=Path("adabatch-out"), help="folder for the plot and trace")
+    parser.add_argument("--threads", type=_int_in(1, 4096), default=1, help="torch threads (1 gives steady timings)")
+
+
+def _int_in(low: int, high: int) -> Any:
+    """An argparse type: an integer from ``low`` to ``high``, else one line saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: accepted {low} to {high}")
+        return value
+
+    return parse
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise argparse.ArgumentTypeError(f"cannot use {text[:60]!r}: {exc.strerror}") from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"no file at {text!r}; write one with 'adabatch study export NAME -o FILE'")
+    return path
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    try:
+        usable = bool(text.strip()) and (path.is_dir() or not path.exists())
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {text[:60]!r}: {exc.strerror}") from None
+    if not usable:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder; give a folder for the plot and trace")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,10 @@ The trace is kept in the project's own table ``adabatch_trace`` in the same data
 study name and trial number, written in batched transactions while the trial runs. What was
 committed survives a worker that dies; a retried trial writes under its new trial number.
 
+A database that goes away mid-study is waited for: :class:`DatabaseRetry` runs each operation
+again with exponential back-off for a bounded time, then raises :class:`DatabaseUnavailable`.
+Messages never show a password (:func:`describe_url`, :func:`redact`).
+
 Example:
     >>> import tempfile, os
     >>> url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "s.db")
@@ -20,11 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import threading
 import time
 from dataclasses import asdict, is_dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+from urllib.parse import quote, quote_plus
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -35,21 +44,192 @@ DEFAULT_STORAGE = "sqlite:///adabatch.db"
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # Seconds before giving up on a database server that does not answer.
 CONNECT_TIMEOUT_S = 10
+# Default seconds a worker keeps retrying a database that went away before it gives up.
+DB_RETRY_S = 60
+# Passwords shorter than this are not scrubbed from output: replacing every "a" would garble it.
+MIN_SECRET_LEN = 3
 TRACE_TABLE = "adabatch_trace"
-FLOAT_COLUMNS = ("b_simple", "grad_sq", "trace_sigma", "lr", "loss", "seconds", "energy_j")
+FLOAT_COLUMNS = ("b_simple", "grad_sq", "trace_sigma", "lr", "loss", "seconds", "energy_j", "noise_low", "noise_high")
+# Columns added after the first release: a trace table created before them gets them on open.
+ADDED_FLOAT_COLUMNS = ("noise_low", "noise_high")
 INT_COLUMNS = ("step", "samples", "batch", "micro_batches", "micro_batch_size")
+
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
     """The database URL is malformed, its driver is missing, or the server cannot be reached."""
 
 
+class DatabaseUnavailable(StorageError):
+    """The database stayed unreachable for longer than the worker was told to wait."""
+
+
 def describe_url(url: str) -> str:
-    """The URL with any password hidden, for messages."""
+    """The URL with any password hidden, for messages.
+
+    Example:
+        >>> describe_url("postgresql+psycopg://me:s3cret@db:5432/studies")
+        'postgresql+psycopg://me:***@db:5432/studies'
+    """
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL is reported by whoever parses it next
-        return url
+    except Exception:  # a malformed URL is reported by whoever parses it next; it has no parsable password
+        return redact(url, url)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password in ``url`` as it may be printed: raw and URL-quoted (empty when there is none).
+
+    Example:
+        >>> url_secrets("postgresql://me:p%40ss@db/x"), url_secrets("sqlite:///adabatch.db")
+        (['p%40ss', 'p@ss'], [])
+    """
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = _raw_password(url)
+    if not password or len(str(password)) < MIN_SECRET_LEN:
+        return []
+    password = str(password)
+    return sorted({password, quote(password, safe=""), quote_plus(password)}, key=len, reverse=True)
+
+
+def _raw_password(url: str) -> str | None:
+    # user:password@ in a string that SQLAlchemy cannot parse
+    head = url.partition("://")[2].rpartition("@")[0]
+    return head.partition(":")[2] or None if ":" in head else None
+
+
+def redact(text: str, *urls: str) -> str:
+    """``text`` with the password of every URL in ``urls`` replaced by ``***``.
+
+    Example:
+        >>> redact("cannot log in as me:s3cret", "postgresql://me:s3cret@db/x")
+        'cannot log in as me:***'
+    """
+    for url in urls:
+        for secret in url_secrets(url):
+            text = text.replace(secret, "***")
+    return text
+
+
+def is_memory_sqlite(url: str) -> bool:
+    """True for an in-memory SQLite URL (``sqlite://``, ``sqlite:///``, ``:memory:``), which no other process sees.
+
+    Example:
+        >>> is_memory_sqlite("sqlite:///"), is_memory_sqlite("sqlite:///adabatch.db")
+        (True, False)
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return False
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    db = parsed.database or ""
+    return db in ("", ":memory:") or "mode=memory" in url
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) means the database connection failed, not the request.
+
+    Connection refused or dropped, server restarting, SQLite busy: worth retrying. A constraint
+    violation or a missing table is not.
+
+    Example:
+        >>> import sqlalchemy as sa
+        >>> is_transient(sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError()))
+        True
+        >>> is_transient(ValueError("bad value"))
+        False
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError,
+                            sa.exc.TimeoutError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        kind = type(exc)
+        if kind.__name__ in ("OperationalError", "InterfaceError") and kind.__module__.startswith(("psycopg", "sqlite3")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class DatabaseRetry:
+    """Runs a database operation again, with exponential back-off, while the database is unreachable.
+
+    Only transient failures (:func:`is_transient`) are retried, for at most ``seconds`` from the
+    first failure of one operation; then :class:`DatabaseUnavailable` says what was being done.
+    ``notify`` hears one line when an outage starts and one when it ends; ``check`` runs between
+    attempts (e.g. to honour an interrupt while waiting).
+
+    Example:
+        >>> import sqlalchemy as sa
+        >>> calls = []
+        >>> def flaky():
+        ...     calls.append(1)
+        ...     if len(calls) < 3:
+        ...         raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError())
+        ...     return "ok"
+        >>> retry = DatabaseRetry(5, first_delay=0.01)
+        >>> retry(flaky, "reading"), retry.retries
+        ('ok', 2)
+    """
+
+    def __init__(self, seconds: float = DB_RETRY_S, *, url: str = "", notify: Callable[[str], None] | None = None,
+                 check: Callable[[], None] | None = None, first_delay: float = 0.25, max_delay: float = 8.0) -> None:
+        self.seconds, self.url, self.notify, self.check = float(seconds), url, notify, check
+        self.first_delay, self.max_delay = first_delay, max_delay
+        self.retries = 0  # failed attempts that were tried again
+        self.outages = 0  # operations that needed at least one retry
+
+    def __call__(self, fn: Callable[[], T], what: str) -> T:
+        started: float | None = None
+        delay = self.first_delay
+        while True:
+            try:
+                result = fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    self.outages += 1
+                    self._say(f"database {describe_url(self.url)} unreachable while {what} ({_first_line(exc)}); "
+                              f"retrying for up to {self.seconds:g} s")
+                left = self.seconds - (now - started)
+                if left <= 0:
+                    raise DatabaseUnavailable(
+                        f"the database {describe_url(self.url)} stayed unreachable for {self.seconds:g} s while "
+                        f"{what} ({_first_line(exc)}); what was committed is kept: run the same command again "
+                        "once the database is back") from None
+                self.retries += 1
+                self._sleep(min(delay, left))
+                delay = min(delay * 2, self.max_delay)
+                continue
+            if started is not None:
+                self._say(f"database back after {time.monotonic() - started:.1f} s; continuing")
+            return result
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            if self.check is not None:
+                self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+    def _say(self, line: str) -> None:
+        if self.notify is not None:
+            self.notify(redact(line, self.url))
 
 
 def engine_kwargs(url: str) -> dict[str, Any]:
@@ -83,7 +263,7 @@ def create_engine(url: str) -> Engine:
     except StorageError:
         raise
     except Exception as exc:  # ArgumentError, NoSuchModuleError, missing driver (ImportError)
-        raise StorageError(f"cannot use storage {describe_url(url)!r}: {_first_line(exc)}. "
+        raise StorageError(f"cannot use storage {describe_url(url)!r}: {redact(_first_line(exc), url)}. "
                            "Give a SQLAlchemy URL such as sqlite:///adabatch.db or "
                            "postgresql+psycopg://user@host:5432/db (pip install 'adabatch[postgres]').") from None
     if engine.dialect.name == "sqlite":
@@ -98,7 +278,7 @@ def check_connection(engine: Engine, url: str) -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        raise StorageError(f"cannot reach database {describe_url(url)}: {_first_line(exc)}. "
+        raise StorageError(f"cannot reach database {describe_url(url)}: {redact(_first_line(exc), url)}. "
                            "Check the URL, that the server is running and that this user may connect.") from None
 
 
@@ -107,9 +287,10 @@ def open_optuna_storage(url: str, *, heartbeat_interval: int | None = None, grac
     """Optuna's ``RDBStorage`` on ``url``, with heartbeats and retry of trials whose worker died.
 
     With ``heartbeat_interval`` set, a running trial writes a heartbeat that often; a trial whose
-    heartbeat is older than ``grace_period`` seconds is marked FAIL by the next worker that starts
-    a trial, and ``RetryFailedTrialCallback`` enqueues one copy of it (up to ``max_retry`` times
-    per original trial), which exactly one worker then runs under a new trial number.
+    heartbeat is older than ``grace_period`` seconds is marked FAIL by :func:`fail_stale_trials`
+    (which every command that opens a study runs), and Optuna's retry callback enqueues one copy
+    of it (up to ``max_retry`` times per original trial), which exactly one worker then runs under
+    a new trial number.
 
     Example:
         >>> s = open_optuna_storage("sqlite://")
@@ -146,8 +327,8 @@ def _open_rdb(url: str, heartbeat_interval: int | None, grace_period: int | None
             last = exc
             time.sleep(0.5 * (attempt + 1))
         except optuna.exceptions.StorageInternalError as exc:
-            raise StorageError(f"cannot open Optuna storage at {describe_url(url)}: {_first_line(exc)}") from None
-    raise StorageError(f"cannot create Optuna's tables at {describe_url(url)}: {_first_line(last)}")
+            raise StorageError(f"cannot open Optuna storage at {describe_url(url)}: {redact(_first_line(exc), url)}") from None
+    raise StorageError(f"cannot create Optuna's tables at {describe_url(url)}: {redact(_first_line(last), url)}")
 
 
 def retry_callback(max_retry: int | None) -> Any:
@@ -163,6 +344,148 @@ def retried_trial_number(trial: Any) -> int | None:
     return trial.system_attrs.get("failed_trial")
 
 
+def fail_stale_trials(study: Any, rdb: Any) -> list[int]:
+    """Mark FAIL, and enqueue for retry, every RUNNING trial whose worker is gone; returns their numbers.
+
+    Gone means no heartbeat for ``grace_period`` seconds (Optuna's own check), or no heartbeat at
+    all and started more than ``grace_period + heartbeat_interval`` seconds ago: a worker that died
+    between claiming a trial and its first heartbeat, which Optuna's check never looks at. Needs
+    ``rdb`` opened with a heartbeat interval; without one nothing is ever stale.
+    """
+    import datetime
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    interval = rdb.get_heartbeat_interval()
+    if interval is None:
+        return []
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not before:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    grace = rdb.grace_period or 2 * interval
+    now = datetime.datetime.now()
+    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > grace + interval]
+    if old:
+        study_id = rdb.get_study_id_from_name(study.study_name)
+        ids = [rdb.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in old]
+        query = sa.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+            sa.bindparam("ids", expanding=True))
+        with rdb.engine.connect() as conn:
+            beating = {int(row[0]) for row in conn.execute(query, {"ids": ids})}
+        callback = rdb.get_heartbeat_stale_trial_callback()
+        for trial_id in ids:
+            if trial_id in beating:
+                continue
+            try:
+                if rdb.set_trial_state_values(trial_id, state=TrialState.FAIL) and callback is not None:
+                    callback(study, rdb.get_trial(trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker finished or failed it first
+    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before)
+
+
+class Heartbeat:
+    """Keeps one RUNNING trial's heartbeat fresh from a daemon thread while the trial runs.
+
+    The first beat is written before :meth:`start` returns (through ``retry``), so a trial is
+    RUNNING without a heartbeat for one round trip at most. Later beats that fail (the database
+    is away) are counted, not raised: the trial goes on, and only after ``grace_period`` without a
+    beat may another worker fail it.
+
+    Example:
+        >>> import optuna
+        >>> rdb = open_optuna_storage("sqlite://")
+        >>> study = optuna.create_study(storage=rdb)
+        >>> trial = study.ask()
+        >>> with Heartbeat(rdb, trial._trial_id, 60) as beat:
+        ...     pass
+        >>> beat.beats, beat.failures
+        (1, 0)
+    """
+
+    def __init__(self, rdb: Any, trial_id: int, interval: float,
+                 retry: Callable[[Callable[[], Any], str], Any] | None = None) -> None:
+        self.rdb, self.trial_id, self.interval = rdb, trial_id, float(interval)
+        self.retry = retry or (lambda fn, what: fn())
+        self.beats = self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Heartbeat":
+        self.retry(lambda: self.rdb.record_heartbeat(self.trial_id), "writing a heartbeat")
+        self.beats += 1
+        self._thread = threading.Thread(target=self._run, name=f"adabatch-heartbeat-{self.trial_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.rdb.record_heartbeat(self.trial_id)
+                self.beats += 1
+            except Exception:  # the database is away; the trial's worker decides what that means
+                self.failures += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=CONNECT_TIMEOUT_S + 5)
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def study_lock(engine: Engine, study_name: str) -> Iterator[None]:
+    """Held by one worker of ``study_name`` at a time, while it decides whether to claim a trial.
+
+    PostgreSQL: a session advisory lock, which the server releases if the worker dies. A SQLite
+    file: an ``flock`` on the database's folder (all workers are on one machine). Other databases:
+    no lock, so two workers may claim the study's last trial together and it ends one over.
+
+    Example:
+        >>> with study_lock(create_engine("sqlite://"), "s"):
+        ...     pass
+    """
+    if engine.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"adabatch:{study_name}".encode()).digest()[:8], "big", signed=True)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+                except Exception:
+                    # A pooled connection must never keep the lock; a dropped one has lost it already.
+                    conn.invalidate()
+        return
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform
+        fcntl = None  # type: ignore[assignment]
+    if not path or path == ":memory:" or fcntl is None:
+        yield
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
@@ -176,16 +499,33 @@ def _parse(url: str) -> sa.engine.URL:
     try:
         return make_url(url)
     except Exception as exc:
-        raise StorageError(f"{url!r} is not a database URL ({_first_line(exc)}); give a SQLAlchemy URL such as "
+        raise StorageError(f"{redact(url, url)!r} is not a database URL ({redact(_first_line(exc), url)}); give a "
+                           "SQLAlchemy URL such as "
                            "sqlite:///adabatch.db or postgresql+psycopg://user@host:5432/db.") from None
 
 
 def _first_line(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
-    inner = getattr(exc, "orig", None) or exc
+    inner = _cause(exc)
     text = str(inner).strip().splitlines()
     return text[0] if text else type(inner).__name__
+
+
+def _cause(exc: BaseException) -> BaseException:
+    # The driver's own error says what happened; SQLAlchemy (.orig) and Optuna (a generic
+    # "exception during the commit", raised from the real one) wrap it.
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        orig = getattr(exc, "orig", None)
+        if orig is not None:
+            return orig
+        nested = exc.__cause__ or exc.__context__
+        if nested is None:
+            return exc
+        exc = nested
+    return exc
 
 
 # ----------------------------------------------------------------------------- trace
@@ -216,8 +556,10 @@ class TraceStore:
         [32]
     """
 
-    def __init__(self, url: str | Engine) -> None:
+    def __init__(self, url: str | Engine, retry: Callable[[Callable[[], Any], str], Any] | None = None) -> None:
         self.engine = url if isinstance(url, Engine) else create_engine(url)
+        # Writes go through ``retry`` (e.g. a DatabaseRetry) so a database outage is waited for.
+        self.retry = retry or (lambda fn, what: fn())
         self._ensure_table()
 
     def _ensure_table(self) -> None:
@@ -225,23 +567,43 @@ class TraceStore:
         for attempt in range(3):
             try:
                 _metadata.create_all(self.engine, checkfirst=True)
+                self._add_missing_columns()
                 return
             except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
                 if attempt == 2:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
+    def _add_missing_columns(self) -> None:
+        """Bring a trace table of an earlier version up to date (nullable columns only, so old rows stay valid)."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(TRACE_TABLE)}
+        missing = [name for name in ADDED_FLOAT_COLUMNS if name not in have]
+        if missing:
+            with self.engine.begin() as conn:
+                for name in missing:
+                    kind = "DOUBLE PRECISION" if self.engine.dialect.name == "postgresql" else "FLOAT"
+                    conn.execute(sa.text(f"ALTER TABLE {TRACE_TABLE} ADD COLUMN {name} {kind}"))
+
     def writer(self, study_name: str, trial_number: int, flush_every: int = 200) -> "TraceWriter":
         """A callable that buffers records and commits them every ``flush_every`` records."""
         return TraceWriter(self, study_name, trial_number, flush_every)
 
     def write(self, study_name: str, trial_number: int, records: list[Mapping[str, Any]]) -> None:
-        """Commit ``records`` (``StepRecord`` objects or their dicts) in one transaction."""
+        """Commit ``records`` (``StepRecord`` objects or their dicts) in one transaction.
+
+        A batch is written whole or not at all. Steps already stored are skipped, so a batch sent
+        again after a lost acknowledgement is not written twice.
+        """
         if not records:
             return
         rows = [_row(study_name, trial_number, r) for r in records]
-        with self.engine.begin() as conn:
-            conn.execute(trace_table.insert(), rows)
+        statement = _insert_skipping_duplicates(self.engine)
+
+        def commit() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(statement, rows)
+
+        self.retry(commit, f"writing the trace of trial {trial_number}")
 
     def read(self, study_name: str, trial_number: int) -> list[dict[str, Any]]:
         """The trial's records in step order, as ``StepRecord.to_dict()``-shaped dicts."""
@@ -301,6 +663,17 @@ class TraceWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.flush_all()
+
+
+def _insert_skipping_duplicates(engine: Engine) -> Any:
+    name = engine.dialect.name
+    if name in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = postgresql if name == "postgresql" else sqlite
+        return dialect.insert(trace_table).on_conflict_do_nothing(
+            index_elements=["study_name", "trial_number", "step"])
+    return trace_table.insert()
 
 
 def _row(study_name: str, trial_number: int, record: Any) -> dict[str, Any]:

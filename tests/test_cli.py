@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
+from pathlib import Path
 
+import optuna
 import pytest
+import sqlalchemy as sa
 
 from adabatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STUDY = textwrap.dedent("""
     [study]
@@ -113,6 +121,19 @@ def test_multiobjective_best_lists_the_front_and_export_needs_a_trial(workdir, c
     (["study", "export", "nope"], "the following arguments are required: -o/--output"),
     (["study", "frobnicate"], "invalid choice: 'frobnicate'"),
     (["study", "run", "tiny.toml", "--n-trials", "0"], "0 must be >= 1"),
+    (["study", "run", "tiny.toml", "--storage", "sqlite:///"], "is an in-memory database"),
+    (["study", "run", "tiny.toml", "--storage", ""], "the URL is empty"),
+    (["study", "run", "tiny.toml", "--timeout", "nan"], "'nan' must be a positive, finite number of seconds"),
+    (["study", "run", "tiny.toml", "--timeout", "-5"], "'-5' must be a positive, finite number of seconds"),
+    (["study", "run", "tiny.toml", "--study-name", ""], "--study-name must be a non-empty string"),
+    (["study", "run", "tiny.toml", "--study-name", "x" * 513], "at most 512 are stored"),
+    (["study", "export", "cli-tiny", "--trial", "-1", "-o", "c.json"], "trial numbers start at 0"),
+    (["study", "export", "cli-tiny", "-o", "."], "is a folder; give a file name"),
+    (["study", "export", "cli-tiny", "-o", "no/such/dir/c.json"], "the folder no/such/dir does not exist"),
+    (["study", "plot", "cli-tiny", "-o", "tiny.toml"], "is a file; give a folder"),
+    (["demo", "--threads", "0"], "--threads: 0 is out of range"),
+    (["demo", "--samples", "-5"], "--samples: -5 is out of range"),
+    (["demo", "--samples", "0"], "--samples: 0 is out of range"),
 ])
 def test_bad_input_exits_2_with_one_line(workdir, capsys, argv, expected):
     (workdir / "broken.toml").write_text("[study\n")
@@ -158,3 +179,204 @@ def test_demo_subcommand_hands_its_arguments_to_the_demo_module(monkeypatch):
     monkeypatch.setattr(adabatch, "demo", fake, raising=False)
     assert main(["demo", "--steps", "7"]) == 0
     assert seen == {"steps": 7}
+
+
+def test_show_prints_the_settings_stored_with_the_study(workdir, capsys):
+    assert main(["study", "run", "tiny.toml", "--no-progress"]) == 0
+    (workdir / "tiny.toml").write_text(STUDY.replace("max_batch = 128", "max_batch = 256"))  # edited afterwards
+    capsys.readouterr()
+    assert main(["study", "show", "cli-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "[fixed] max_batch = 128" in out and "256" not in out  # what the trials ran, not the edited file
+    assert '[search] grow_threshold = {type = "float", low = 1.2, high = 3.0}' in out
+    assert "[pruner] kind = \"none\"" in out and "latest run: n_trials = 3" in out
+    assert "trials: 3 of 3 (3 complete)" in out
+
+
+def test_a_changed_study_file_is_refused_in_one_line_naming_the_change(workdir, capsys):
+    assert main(["study", "run", "tiny.toml", "--no-progress", "--n-trials", "1"]) == 0
+    (workdir / "tiny.toml").write_text(STUDY.replace("sample_budget = 800", "sample_budget = 1600"))
+    capsys.readouterr()
+    assert main(["study", "run", "tiny.toml", "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert "[study] sample_budget: 800 -> 1600" in line and "--study-name NEW" in line
+    assert main(["study", "run", "tiny.toml", "--no-progress", "--study-name", "cli-tiny-1600"]) == 0
+
+
+def test_the_storage_url_can_come_from_the_environment(workdir, capsys, monkeypatch):
+    url = f"sqlite:///{workdir / 'env.db'}"
+    monkeypatch.setenv("ADABATCH_STORAGE", url)
+    assert main(["study", "run", "tiny.toml", "--no-progress", "--n-trials", "1"]) == 0
+    assert "--storage" not in capsys.readouterr().out  # the hint relies on the environment too
+    assert (workdir / "env.db").exists() and not (workdir / "adabatch.db").exists()
+    assert main(["study", "list"]) == 0 and "cli-tiny" in capsys.readouterr().out
+    monkeypatch.setenv("ADABATCH_STORAGE", " ")
+    assert main(["study", "list"]) == 2
+    assert "ADABATCH_STORAGE is set but empty" in one_error_line(capsys)
+
+
+SLOW_WORKLOAD = textwrap.dedent("""
+    import dataclasses, time
+    from adabatch.workloads import WORKLOADS
+
+    def _slow_mse(pred, y):
+        time.sleep(0.004)
+        return WORKLOADS["linreg"].loss(pred, y)
+
+    def slow():
+        return dataclasses.replace(WORKLOADS["linreg"], name="slow-linreg", loss=_slow_mse)
+""")
+
+SLOW_STUDY = textwrap.dedent("""
+    [study]
+    name = "slow"
+    workload = "slow_workloads:slow"
+    n_trials = 2
+    sample_budget = 3200
+    eval_every = 320
+
+    [reliability]
+    heartbeat_interval = 1
+    grace_period = 3
+
+    [fixed]
+    max_batch = 64
+
+    [search]
+    grow_threshold = { low = 1.2, high = 3.0 }
+    window_fraction = { low = 0.05, high = 0.5 }
+""")
+
+
+def start_worker(tmp_path: Path, url: str) -> subprocess.Popen:
+    (tmp_path / "slow_workloads.py").write_text(SLOW_WORKLOAD)
+    (tmp_path / "slow.toml").write_text(SLOW_STUDY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
+    return subprocess.Popen([sys.executable, "-m", "adabatch.cli", "study", "run", "slow.toml", "--storage", url,
+                             "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def running_trial_with_trace(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
+    """The number of the trial ``proc`` runs, once part of its trace is committed."""
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                study = optuna.load_study(study_name="slow", storage=url)
+                with engine.connect() as conn:
+                    traced = {n for (n,) in conn.execute(sa.text("SELECT DISTINCT trial_number FROM adabatch_trace"))}
+            except (KeyError, sa.exc.OperationalError):  # not created yet
+                time.sleep(0.2)
+                continue
+            running = [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+            if running and running[0] in traced:
+                return running[0]
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    raise AssertionError("the worker never had a trial running with part of its trace committed")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_run_in_one_line_and_the_trial_is_retried_on_the_next_run(tmp_path, sig, code):
+    from adabatch.study import StudySpec, run_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'signals.db'}"
+    proc = start_worker(tmp_path, url)
+    number = running_trial_with_trace(url, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    name = signal.Signals(sig).name
+    assert proc.returncode == code
+    assert err.strip().splitlines() == [f"adabatch: interrupted ({name}); trial {number} will be retried on the "
+                                        "next run"]
+    trials = optuna.load_study(study_name="slow", storage=url).trials
+    interrupted = trials[number]
+    assert interrupted.state == optuna.trial.TrialState.FAIL and interrupted.user_attrs["interrupted"] == name
+    queued = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].params == interrupted.params
+
+    # The next run starts with the queued retry and finishes the study: n_trials originals, all done.
+    sys.path.insert(0, str(tmp_path))
+    try:
+        study = run_study(StudySpec.from_toml(tmp_path / "slow.toml"), url, progress=False)
+    finally:
+        sys.path.remove(str(tmp_path))
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == number)
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == interrupted.params
+    assert sum("failed_trial" not in t.system_attrs for t in study.trials) == 2
+    assert all(t.state.is_finished() for t in study.trials)
+
+
+def test_a_killed_workers_trial_is_failed_by_the_next_command_that_opens_the_study(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    proc = start_worker(tmp_path, url)
+    number = running_trial_with_trace(url, proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    time.sleep(3 + 1 + 0.5)  # grace period + heartbeat interval + slack: no worker is left to notice
+    capsys.readouterr()
+    assert main(["study", "show", "slow", "--storage", url]) == 0
+    captured = capsys.readouterr()
+    assert f"failed 1 stale trial(s) of study 'slow' (no heartbeat for 3 s): {number}" in captured.err
+    assert f"trial {number}  FAIL" in captured.out and f"retry of trial {number}" in captured.out
+
+
+@pytest.mark.postgres
+def test_a_password_in_the_storage_url_appears_in_no_output_attribute_file_or_trace(tmp_path, pg_database, capfd,
+                                                                                     monkeypatch):
+    secret = "s3cret-PASSWORD"
+    url = pg_database.replace("postgres@", f"postgres:{secret}@")  # trust auth: any password is accepted
+    assert secret in url
+    (tmp_path / "tiny.toml").write_text(STUDY.replace('n_trials = 3', 'n_trials = 2\npruner = "median"'))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outputs = []
+
+    def cli(*argv: str, storage: str | None = url, code: int = 0, environ: dict | None = None) -> None:
+        args = [sys.executable, "-m", "adabatch.cli", *argv] + (["--storage", storage] if storage else [])
+        proc = subprocess.run(args, cwd=tmp_path, env={**env, **(environ or {})}, capture_output=True, text=True,
+                              timeout=300)
+        outputs.append(" ".join(argv) + "\n" + proc.stdout + proc.stderr)
+        assert proc.returncode == code, proc.stderr
+
+    def in_process(*argv: str, code: int = 0) -> None:
+        assert main([*argv, "--storage", url]) == code
+        captured = capfd.readouterr()  # file-descriptor level: log handlers included
+        outputs.append(" ".join(argv) + "\n" + captured.out + captured.err)
+
+    # Runs in processes of their own, as users start them: progress bar, per-trial lines, logs.
+    cli("study", "run", "tiny.toml")  # with the progress bar
+    cli("study", "run", "tiny.toml", "--no-progress", "--n-trials", "2", storage=None,
+        environ={"ADABATCH_STORAGE": url})
+    cli("study", "run", "tiny.toml", storage=url.replace("/adabatch_test", "/no_such_db_"), code=2)
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    for argv in (["list"], ["show", "cli-tiny"], ["best", "cli-tiny"], ["export", "cli-tiny", "-o", "best.json"],
+                 ["plot", "cli-tiny", "-o", "report"]):
+        in_process("study", *argv)
+    in_process("study", "show", "nope", code=2)
+    assert any("password hidden" in out for out in outputs)
+
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"best.json", "index.html"} <= {p.name for p in files}
+    leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    leaks += [out.splitlines()[0] for out in outputs if secret in out]
+    study = optuna.load_study(study_name="cli-tiny", storage=url)
+    stored = [study.user_attrs] + [[t.user_attrs, t.system_attrs] for t in study.trials]
+    if secret in json.dumps(stored, default=str):
+        leaks.append("study or trial attributes")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for table in sa.inspect(conn).get_table_names():
+                for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')):
+                    if secret in str(tuple(row)):
+                        leaks.append(f"table {table}")
+    finally:
+        engine.dispose()
+    assert leaks == []
+    assert len(study.trials) == 4 and len(outputs) == 9

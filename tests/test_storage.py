@@ -56,7 +56,7 @@ def study_file(tmp_path: Path, name: str, *, budget: int, n_trials: int = 2) -> 
 
         [search]
         grow_threshold = {{ low = 1.2, high = 3.0 }}
-        ema_decay = {{ low = 0.5, high = 0.95 }}
+        window_fraction = {{ low = 0.05, high = 0.5 }}
     """))
     return path
 
@@ -276,7 +276,7 @@ def test_plot_reads_exactly_the_trace_a_trial_wrote(tmp_path, monkeypatch):
         sample_budget = 1200
         eval_every = 400
         [search]
-        ema_decay = { low = 0.5, high = 0.95 }
+        window_fraction = { low = 0.05, high = 0.5 }
     """)))
     url = f"sqlite:///{tmp_path / 'r.db'}"
     run_study(spec, url, n_trials=2, progress=False)
@@ -291,3 +291,28 @@ def test_plot_reads_exactly_the_trace_a_trial_wrote(tmp_path, monkeypatch):
                 assert math.isnan(got[key]), key
             else:
                 assert got[key] == value, key
+
+
+def test_a_trace_table_of_the_first_release_gains_the_interval_columns(tmp_path):
+    import sqlalchemy as sa
+
+    from adabatch.storage import TRACE_TABLE, TraceStore
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # the table as the first release created it, with one row
+        conn.execute(sa.text(f"CREATE TABLE {TRACE_TABLE} (id INTEGER PRIMARY KEY, study_name VARCHAR(512), "
+                             "trial_number INTEGER, step BIGINT, samples BIGINT, batch BIGINT, micro_batches BIGINT, "
+                             "micro_batch_size BIGINT, b_simple FLOAT, grad_sq FLOAT, trace_sigma FLOAT, lr FLOAT, "
+                             "loss FLOAT, seconds FLOAT, energy_j FLOAT, measured BOOLEAN, energy_source VARCHAR(128), "
+                             "metrics TEXT, CONSTRAINT uq_adabatch_trace_step UNIQUE (study_name, trial_number, step))"))
+        conn.execute(sa.text(f"INSERT INTO {TRACE_TABLE} (study_name, trial_number, step, samples, batch, lr, loss, "
+                             "metrics) VALUES ('old', 0, 0, 32, 32, 0.1, 2.0, '{}')"))
+    engine.dispose()
+    store = TraceStore(url)
+    store.write("new", 0, [dict(step=0, samples=64, batch=64, lr=0.1, loss=1.0, noise_low=10.0,
+                                noise_high=float("inf"))])
+    old, new = store.read("old", 0)[0], store.read("new", 0)[0]
+    store.close()
+    assert old["samples"] == 32 and math.isnan(old["noise_low"])
+    assert new["noise_low"] == 10.0 and new["noise_high"] == float("inf")
