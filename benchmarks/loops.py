@@ -1,27 +1,30 @@
-"""The training loops being compared: plain PyTorch baselines and the adabatch loop that mirrors them.
+"""The training loops being compared: a plain PyTorch loop for the baselines and the adabatch loop.
 
-Every loop sees the same data in the same order for a given seed (one ``torch.randperm`` per epoch
-from a generator seeded with the seed, walked front to back), starts from the same weights
-(``torch.manual_seed(seed)`` before the model is built) and is evaluated on the same schedule: the
-first optimizer step at or past every ``eval_every`` samples, and at the end of the budget.
+Every loop sees the same data in the same order for a given seed: epoch e walks
+``torch.randperm(n)`` drawn from a generator seeded with ``order_seed(seed) + e``, front to back,
+dropping the tail that does not fill a batch (the permutations adabatch's own batch sampler draws
+when given ``order_seed(seed)``). Each run starts from the same weights (``torch.manual_seed(seed)``
+before the model is built) and is evaluated on the same schedule: the first optimizer step at or
+past every ``eval_every`` samples, and at the end of the budget.
 
-Clocks. ``seconds`` and ``joules`` count training only: the evaluation pauses both, so a method
-that happens to evaluate more often is not charged for it. Energy comes from
-:func:`adabatch.energy.detect_meter`; each result says whether it was measured or estimated.
+Clocks. ``seconds`` and ``joules`` count training only: the evaluation pauses both (and, in the
+adabatch loop, the controller's own clocks through ``ctl.paused()``), so a method that happens to
+evaluate more often is not charged for it. Energy comes from :func:`adabatch.energy.detect_meter`;
+each result says whether it was measured or estimated.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from adabatch import AdaptiveBatchController, ControllerConfig
 from adabatch.energy import detect_meter
-from adabatch.lr import lr_factor, resolve_rule
-from adabatch.workloads import LINREG_DIM, Data, Workload, evaluate, linreg_noise_scale, make_optimizer
+from adabatch.workloads import LINREG_DIM, Data, Workload, evaluate, linreg_noise_scale, make_optimizer, make_scheduler
+from benchmarks.baselines import BatchSchedule
 
 TRAJECTORY_POINTS = 100  # per-step records kept per run (evenly thinned), to keep the JSON small
 
@@ -76,74 +79,90 @@ class Recorder:
         return r
 
 
-def _epochs(n: int, gen: torch.Generator):
+ORDER_SEED_STRIDE = 1000  # seeds 0, 1, 2 get epoch permutations 0.., 1000.., 2000..: no epoch shared
+
+
+def order_seed(seed: int) -> int:
+    """Seed of the first epoch's permutation for a run seeded ``seed``.
+
+    Example:
+        >>> first = torch.randperm(5, generator=torch.Generator().manual_seed(2000))
+        >>> order_seed(2), torch.equal(next(epochs(5, 2)), first)
+        (2000, True)
+    """
+    return ORDER_SEED_STRIDE * seed
+
+
+def epochs(n: int, seed: int) -> Iterator[torch.Tensor]:
+    """One permutation of ``range(n)`` per epoch, the ones :class:`adabatch.sampler.AdaptiveBatchSampler` draws."""
+    e = 0
     while True:
-        yield torch.randperm(n, generator=gen)
+        yield torch.randperm(n, generator=torch.Generator().manual_seed(order_seed(seed) + e))
+        e += 1
 
 
-def _scaled_lr(wl: Workload, model: torch.nn.Module, batch: int) -> tuple[torch.optim.Optimizer, str]:
-    """Optimizer with the workload's LR scaled from its base batch by the rule adabatch uses (linear/sqrt)."""
-    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr)
-    rule = resolve_rule("auto", opt)
-    for g in opt.param_groups:
-        g["lr"] = wl.lr * lr_factor(rule, batch, wl.micro_batch)
-    return opt, rule
+def train_baseline(wl: Workload, data: Data, seed: int, plan: BatchSchedule, eval_every: int,
+                   method: str) -> dict[str, Any]:
+    """Plain PyTorch training whose batch and LR follow ``plan``: fixed, heuristic, ramp or Seesaw.
 
-
-def train_fixed(wl: Workload, data: Data, seed: int, batch: int, budget: int, eval_every: int,
-                heuristic: dict[str, float] | None = None, method: str | None = None) -> dict[str, Any]:
-    """A fixed batch (``heuristic=None``), or the hand-written loss-threshold heuristic.
-
-    Heuristic: after each epoch, if the epoch's mean training loss fell below ``ratio`` times the
-    loss of the epoch where the batch last changed (the first epoch to begin with), double the
-    batch up to ``cap`` and rescale the LR by the same rule.
+    Example:
+        >>> from adabatch.workloads import get_workload
+        >>> from benchmarks.baselines import FixedBatch
+        >>> wl = get_workload("linreg")
+        >>> run = train_baseline(wl, wl.make_data(0), 0, FixedBatch(wl, 1_000, 64), 500, "fixed-64")
+        >>> run["steps"], [e["samples"] for e in run["evals"]]   # evaluated at 500 and at the budget
+        (16, [512, 1024])
     """
     torch.manual_seed(seed)
     model = wl.make_model()
-    opt, rule = _scaled_lr(wl, model, batch)
-    rec = Recorder(wl, data, method or f"fixed-{batch}", seed, budget, eval_every)
-    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr, wl.weight_decay)
+    rec = Recorder(wl, data, method, seed, plan.budget, eval_every)
     x, y, n = data.x_train, data.y_train, len(data.x_train)
     samples = steps = 0
-    reference_loss = None
-    for perm in _epochs(n, gen):
-        epoch_loss, epoch_batches = 0.0, 0
-        for i in range(0, n - batch + 1, batch):
+    for perm in epochs(n, seed):
+        i, epoch_loss, epoch_steps = 0, 0.0, 0
+        while not rec.done:
+            batch, lr = plan.step(samples)
+            if batch > n:
+                raise ValueError(f"{method}: batch {batch} exceeds the {n} training samples")
+            if i + batch > n:
+                break
             idx = perm[i:i + batch]
+            i += batch
+            for g in opt.param_groups:
+                g["lr"] = lr
             loss = wl.loss(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             samples, steps = samples + batch, steps + 1
-            epoch_loss, epoch_batches = epoch_loss + loss.item(), epoch_batches + 1
+            epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
             if rec.due(samples):
-                rec.evaluate(model, samples, steps, batch, loss.item())
-                if rec.done:
-                    break
+                rec.evaluate(model, samples, steps, batch, loss.item(), lr=lr)
         if rec.done:
             break
-        if heuristic is not None:
-            epoch_loss /= epoch_batches
-            if reference_loss is None:
-                reference_loss = epoch_loss
-            elif epoch_loss < heuristic["ratio"] * reference_loss and batch < heuristic["cap"]:
-                batch, reference_loss = min(2 * batch, int(heuristic["cap"])), epoch_loss
-                for g in opt.param_groups:
-                    g["lr"] = wl.lr * lr_factor(rule, batch, wl.micro_batch)
-    return rec.finish(lr_rule=rule)
+        plan.end_epoch(epoch_loss / max(1, epoch_steps))
+    return rec.finish(lr_rule=plan.rule, plan=plan.describe())
 
 
 def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig, budget: int, eval_every: int,
                    method: str) -> dict[str, Any]:
-    """The same loop under :class:`AdaptiveBatchController`, its sampler choosing each micro-batch."""
+    """The same loop under :class:`AdaptiveBatchController`, its sampler choosing each micro-batch.
+
+    The workload's LR schedule is sized for the base batch (budget / base batch steps); the
+    controller advances it by samples / base batch, whatever batch it runs.
+    """
     torch.manual_seed(seed)
     model = wl.make_model()
-    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr)
+    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr, wl.weight_decay)
+    base = config.base_batch or config.initial_batch or wl.micro_batch
+    sched = make_scheduler(wl, opt, total_steps=budget // base)
     meter = detect_meter() if config.policy in ("energy", "zeus") else None
-    ctl = AdaptiveBatchController(model, opt, micro_batch_size=wl.micro_batch, config=config, energy_meter=meter)
+    ctl = AdaptiveBatchController(model, opt, micro_batch_size=wl.micro_batch, config=config, scheduler=sched,
+                                  energy_meter=meter)
     rec = Recorder(wl, data, method, seed, budget, eval_every)
     x, y = data.x_train, data.y_train
-    sampler = ctl.batch_sampler(len(x), seed=seed)
+    sampler = ctl.batch_sampler(len(x), seed=order_seed(seed))
     while not rec.done:
         for idx in sampler:
             idx = torch.tensor(idx)
@@ -152,10 +171,12 @@ def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig
             if not ctl.step():
                 continue
             if rec.due(ctl.samples):
-                extra = {"noise_scale": ctl.noise_scale}
-                if wl.name == "linreg":
+                # outside optimizer.step() the group's LR is the scheduler's, before the batch's factor
+                extra = {"noise_scale": ctl.noise_scale, "scheduled_lr": opt.param_groups[0]["lr"]}
+                if wl.name.startswith("linreg"):
                     extra["true_noise_scale"] = linreg_true_noise_scale(model, seed)
-                rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(), **extra)
+                with ctl.paused():
+                    rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(), **extra)
                 if rec.done:
                     break
     ctl.flush()

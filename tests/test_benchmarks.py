@@ -1,32 +1,62 @@
-"""The benchmark runner end to end on a tiny suite (linreg, two methods, two seeds)."""
+"""The benchmark: baselines' batch and LR schedules, the runner (resume, report) on a tiny suite, the
+goal logic on synthetic results, and the AdaptDL gradient-averaging decision."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
+import math
+import pkgutil
 
 import pytest
+import torch
 
-from benchmarks import run
-from benchmarks.report import write_report
+import benchmarks
+from adabatch.lr import lr_factor
+from adabatch.workloads import get_workload, lr_schedule, make_optimizer, make_scheduler, mlp
+from benchmarks import loops, run
+from benchmarks.baselines import FixedBatch, LinearRamp, LossThreshold, Seesaw, seesaw_points
+from benchmarks.peers import average_accumulated, divides_in_place, peer_supports
+from benchmarks.report import goals, hindsight_best, write_report
 from benchmarks.stats import median_ci, ratio_ci
+
+BASELINES = ["fixed-16", "heuristic", "ramp", "seesaw"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    # the runner pins torch to one thread, as benchmarks should be; later test modules get theirs back
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    run.main(["--suite", "smoke", "--out", str(out), "--no-peers", "--no-progress",
-              "--methods", "fixed-16", "adabatch"])
+    run.main(["--suite", "smoke", "--out", str(out), "--no-peers", "--no-progress", "--methods", *BASELINES,
+              "adabatch"])
     return out
 
 
-def test_runner_writes_json_markdown_and_pngs_naming_every_method(smoke):
-    results = json.loads((smoke / "results.json").read_text())
+def _results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+# ----------------------------------------------------------------------------- runner and report
+
+
+def test_runner_writes_json_markdown_pngs_and_one_raw_file_per_run(smoke):
+    results = _results(smoke)
     report = (smoke / "report.md").read_text()
-    assert {r["method"] for r in results["runs"]} == {"fixed-16", "adabatch"}
-    assert {r["seed"] for r in results["runs"]} == {0, 1}
-    assert not results["failures"]
-    for method in ("fixed-16", "adabatch"):
+    baseline_runs = [r for r in results["runs"] if r["method"] in BASELINES]
+    assert {r["method"] for r in baseline_runs} == set(BASELINES)
+    assert {r["seed"] for r in baseline_runs} == {0, 1}
+    for method in BASELINES:
         assert f"| {method}" in report
+        for seed in (0, 1):
+            assert run.raw_path(smoke, "smoke", "linreg", method, seed).exists()
     for png in ("linreg_batch_noise.png", "linreg_metric.png"):
         assert (smoke / png).stat().st_size > 1000
         assert f"]({png})" in report
@@ -35,8 +65,44 @@ def test_runner_writes_json_markdown_and_pngs_naming_every_method(smoke):
     assert "ESTIMATED" in report  # the CPU-time energy estimate is labelled as such
 
 
+def test_adabatch_loop_runs_under_the_controller(smoke):
+    # Needs the controller's paused() and its samples-driven scheduler (the controller API this loop is
+    # written against); the failure, if any, is recorded by the runner with its traceback.
+    results = _results(smoke)
+    assert not [f["error"] for f in results["failures"]]
+    ada = [r for r in results["runs"] if r["method"] == "adabatch"]
+    assert len(ada) == 2 and all(e["true_noise_scale"] > 0 for r in ada for e in r["evals"])
+    assert "Noise-scale estimator against the exact" in (smoke / "report.md").read_text()
+
+
+def test_resume_skips_finished_runs_and_reruns_those_with_another_budget(smoke, tmp_path):
+    args = ["--suite", "smoke", "--out", str(tmp_path), "--no-peers", "--no-progress", "--methods", "fixed-16",
+            "--seeds", "0"]
+    run.main(args)
+    path = run.raw_path(tmp_path, "smoke", "linreg", "fixed-16", 0)
+    first = path.read_text()
+    run.main(args + ["--resume"])
+    assert path.read_text() == first  # not run again: the wall-clock figures would differ
+    stale = json.loads(first)
+    stale["budget"] = 123
+    path.write_text(json.dumps(stale))
+    run.main(args + ["--resume"])
+    assert json.loads(path.read_text())["budget"] == 4_000
+
+
+def test_report_only_names_the_runs_still_missing(smoke, tmp_path):
+    run.main(["--suite", "smoke", "--out", str(tmp_path), "--no-peers", "--no-progress", "--methods", "fixed-16",
+              "seesaw", "--seeds", "0"])
+    run.raw_path(tmp_path, "smoke", "linreg", "seesaw", 0).unlink()
+    run.main(["--suite", "smoke", "--out", str(tmp_path), "--no-peers", "--report-only", "--methods", "fixed-16",
+              "seesaw", "--seeds", "0"])
+    results = _results(tmp_path)
+    assert results["missing"] == [{"workload": "linreg", "method": "seesaw", "seed": 0}]
+    assert "linreg/seesaw/seed0" in (tmp_path / "report.md").read_text()
+
+
 def test_report_figures_come_from_the_json(smoke, tmp_path):
-    results = json.loads((smoke / "results.json").read_text())
+    results = _results(smoke)
     for r in results["runs"]:
         if r["method"] == "fixed-16":
             r["final_metric"] = 123.456
@@ -46,11 +112,199 @@ def test_report_figures_come_from_the_json(smoke, tmp_path):
     assert "123.5" not in (smoke / "report.md").read_text()
 
 
-def test_linreg_adabatch_runs_record_the_exact_noise_scale(smoke):
-    results = json.loads((smoke / "results.json").read_text())
-    ada = [r for r in results["runs"] if r["method"] == "adabatch"]
-    assert all(e["true_noise_scale"] > 0 for r in ada for e in r["evals"])
-    assert "Noise-scale estimator against the exact" in (smoke / "report.md").read_text()
+def test_readme_block_is_replaced_between_its_markers(smoke, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmark-results:start -->\nold\n<!-- benchmark-results:end -->\noutro\n")
+    write_report(smoke / "results.json", smoke, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old" not in text
+    assert "| linreg |" in text and "- linreg:" in text
+
+
+def test_same_seed_gives_the_same_run_apart_from_the_clock():
+    wl = get_workload("linreg")
+    data = wl.make_data(0)
+    a, b = (loops.train_baseline(wl, data, 0, Seesaw(wl, 3_000, max_batch=64), 1_000, "seesaw") for _ in range(2))
+    strip = lambda r: [{k: v for k, v in e.items() if k not in ("seconds", "joules")} for e in r["evals"]]  # noqa
+    assert strip(a) == strip(b)
+
+
+def test_baselines_walk_the_permutations_the_adaptive_sampler_draws():
+    from adabatch import AdaptiveBatchController
+
+    model = torch.nn.Linear(2, 1)
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.1), 5)
+    first_pass = [i for idx in ctl.batch_sampler(20, seed=loops.order_seed(3)) for i in idx]
+    assert first_pass == next(loops.epochs(20, 3)).tolist()
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_fixed_batch_runs_its_own_schedule_to_the_end_with_the_lr_scaled_by_the_rule():
+    wl = get_workload("mnist1d-cnn-adamw")  # AdamW: sqrt rule; one-cycle schedule
+    budget = 64_000
+    for b in (32, 128, 512):
+        fixed = FixedBatch(wl, budget, b)
+        steps = budget // b
+        factor = math.sqrt(b / 32)
+        assert fixed.step(0)[1] == pytest.approx(wl.lr * factor * lr_schedule("onecycle", 1 / steps, wl.warmup))
+        assert fixed.step((steps - 1) * b)[1] == pytest.approx(wl.lr * factor * lr_schedule("onecycle", 1.0))
+    long = get_workload("linreg-long")  # SGD: linear rule
+    sgd = FixedBatch(long, 16_000, 64)
+    assert sgd.rule == "linear" and sgd.step(8_000)[1] == pytest.approx(4 * long.lr_at(0.5 + 64 / 16_000))
+
+
+def test_torch_scheduler_of_a_workload_matches_the_fixed_batch_lr():
+    wl = get_workload("mnist1d-mlp-adamw")
+    opt = make_optimizer(wl.optimizer, mlp().parameters(), wl.lr, wl.weight_decay)
+    sched = make_scheduler(wl, opt, total_steps=40)
+    fixed = FixedBatch(wl, budget=40 * 32, batch=32)
+    for s in range(40):
+        assert opt.param_groups[0]["lr"] == pytest.approx(fixed.step(s * 32)[1])
+        opt.step()
+        sched.step()
+
+
+def test_weight_decay_spares_biases_and_the_lr_rule_matches_adabatch():
+    opt = make_optimizer("adamw", mlp().parameters(), 1e-3, weight_decay=0.1)
+    decayed, spared = opt.param_groups
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in spared["params"])
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.1, 0.0)
+
+
+def test_ramp_starts_at_the_base_batch_and_ends_at_its_top_in_base_batch_increments():
+    wl = get_workload("mnist1d-mlp-adamw")
+    ramp = LinearRamp(wl, budget=100_000, end=512, share=0.25)
+    batches = [ramp.batch(s) for s in range(0, 100_000, 500)]
+    assert batches[0] == 32 and ramp.batch(25_000) == 512 and batches[-1] == 512
+    assert all(b % 32 == 0 for b in batches) and batches == sorted(batches)
+    assert set(batches) == set(range(32, 513, 32))  # every increment is used once
+    b, lr = ramp.step(50_000)  # LR by the sqrt rule, schedule advanced by samples
+    assert lr == pytest.approx(wl.lr_at((50_000 + 512) / 100_000) * lr_factor("sqrt", 512, 32))
+
+
+def test_seesaw_doubles_the_batch_where_the_cosine_lr_halves_and_cuts_the_lr_by_sqrt2():
+    wl = get_workload("mnist1d-mlp-adamw")  # cosine from the peak to 0.1 of it, warm-up 5 %
+    points = seesaw_points(wl)
+    # closed form: 0.1 + 0.9 (1 + cos(pi t)) / 2 = 2^-k with t = (p - w) / (1 - w)
+    exact = [wl.warmup + (1 - wl.warmup) * math.acos(2 * (2.0 ** -k - 0.1) / 0.9 - 1) / math.pi for k in (1, 2, 3)]
+    assert points == pytest.approx(exact, abs=1e-9)
+    budget = 100_000
+    seesaw = Seesaw(wl, budget, max_batch=4096)
+    for k, p in enumerate(points):
+        before, after = seesaw.step(int(p * budget) - 100), seesaw.step(math.ceil(p * budget))
+        assert after[0] == 2 * before[0] == 32 * 2 ** (k + 1)
+        assert after[1] == pytest.approx(before[1] / math.sqrt(2))
+    assert seesaw.step(1_000)[1] == pytest.approx(wl.lr_at((1_000 + 32) / budget))  # warm-up kept as scheduled
+
+
+def test_seesaw_halves_the_lr_in_full_once_the_batch_is_capped_and_leaves_a_constant_schedule_alone():
+    wl = get_workload("mnist1d-cnn-adamw")  # one-cycle: down to 4e-6 of the peak, 17 halvings
+    seesaw = Seesaw(wl, budget=100_000, max_batch=128)
+    assert len(seesaw.points) == 17
+    end_batch, end_lr = seesaw.step(99_999)
+    assert end_batch == 128 and end_lr == pytest.approx(wl.lr * 2 ** -1 * 2.0 ** -15)
+    assert seesaw_points(get_workload("linreg")) == []
+    assert Seesaw(get_workload("linreg"), 10_000, 4096).step(9_000) == (16, get_workload("linreg").lr)
+
+
+def test_loss_threshold_doubles_only_below_the_ratio_and_stops_at_its_cap():
+    h = LossThreshold(get_workload("linreg"), 10_000, ratio=0.5, cap=32)
+    for loss in (1.0, 0.6, 0.4, 0.1, 0.01):
+        h.end_epoch(loss)
+    assert h.batch(0) == 32
+
+
+def test_no_batch_exceeds_the_training_set():
+    assert run.max_batch(4_000) == 2048 and run.max_batch(1 << 20) == 4096
+    wl = get_workload("mnist1d-mlp")
+    data = wl.make_data(0)
+    with pytest.raises(ValueError, match="exceeds"):
+        loops.train_baseline(wl, data, 0, FixedBatch(wl, 10_000, 8192), 5_000, "fixed-8192")
+
+
+# ----------------------------------------------------------------------------- goals on synthetic results
+
+
+def _run(method, seed, seconds, steps, final, target=0.9):
+    reached = seconds is not None
+    return {"method": method, "workload": "w", "seed": seed, "metric": "accuracy", "target": target,
+            "reached_target": reached, "seconds_to_target": seconds, "steps_to_target": steps,
+            "final_metric": final, "evals": []}
+
+
+def _methods(ada_seconds, ada_steps, ada_final, tuned_seconds=None):
+    runs = []
+    for s in range(3):
+        runs += [_run("fixed-32", s, 10.0 + s, 1000, 0.95 + 0.001 * s),
+                 _run("fixed-64", s, 6.0 + s, 500, 0.94 + 0.001 * s),
+                 _run("fixed-128", s, 4.0 + s, 250, 0.93 + 0.001 * s),
+                 _run("fixed-256", s, None, None, 0.85),
+                 _run("fixed-512", s, None, None, 0.80),
+                 _run("adabatch", s, ada_seconds[s], ada_steps[s], ada_final[s])]
+        if tuned_seconds:
+            runs.append(_run("adabatch-tuned", s, tuned_seconds[s], 300, 0.95))
+    methods = {}
+    for r in runs:
+        methods.setdefault(r["method"], []).append(r)
+    return {g.key: g for g in goals(methods, higher_is_better=True)}, methods
+
+
+def test_goals_are_met_when_adabatch_is_fast_with_few_steps_and_an_equal_final_metric():
+    g, methods = _methods([4.0, 5.0, 6.0], [500, 550, 600], [0.951, 0.950, 0.952], tuned_seconds=[3.0, 4.0, 5.0])
+    assert hindsight_best(methods) == "fixed-128"
+    assert g["best"].met and g["best"].value.startswith("1 ")  # 5 / 5
+    assert g["median"].met  # per seed the median of (10, 6, 4, inf, inf) is 10 + s: 5 / 11
+    assert g["final"].met and "fixed-32" in g["final"].name
+    assert g["tuned"].met  # 4 / 5 = 0.8
+    assert g["steps"].met  # 550 / 1000
+
+
+def test_goals_are_missed_when_slow_when_the_final_metric_drops_and_when_not_run():
+    g, _ = _methods([7.0, 8.0, 9.0], [500, 550, 600], [0.90, 0.91, 0.92])
+    assert g["best"].met is False  # 8 / 5 = 1.6
+    assert g["median"].met  # 8 / 11 = 0.73
+    assert g["final"].met is False  # 0.91 is below fixed-32's interval [0.950, 0.952]
+    assert g["steps"].met is False and "final metric" in g["steps"].note  # few steps, but a worse model
+    assert g["tuned"].met is None and g["tuned"].value == "not run"
+
+
+def test_a_goal_is_not_met_when_adabatch_misses_the_target_on_most_seeds():
+    g, _ = _methods([None, None, 4.0], [None, None, 300], [0.95, 0.95, 0.95])
+    assert g["best"].met is False and "not reached" in g["best"].note
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def test_adaptdl_averaging_decision_follows_its_source_and_restores_the_mean_gradient():
+    assert not divides_in_place("grads[-1].append(\n    grad / mixed_precision_scale / self._accum_count)")
+    assert divides_in_place("param.grad.div_(self._accum_count)")
+    # AdaptDL's loop: backward of each micro-batch's mean loss, no division, gradients summed in .grad
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(12, 3), torch.randn(12, 1)
+    for xb, yb in zip(x.split(4), y.split(4)):
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+    average_accumulated(model.parameters(), 3)
+    summed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    for got, want in zip(summed, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want)
+
+
+def test_adascale_runs_only_on_sgd_workloads():
+    assert peer_supports("adascale", "sgd") and not peer_supports("adascale", "adamw")
+    peers = {"adascale": {"available": True}, "adaptdl": {"available": True}}
+    methods, skipped = run.plan(run.SUITES["full"], None, None, peers)
+    assert "adascale" in methods["linreg-long"] and "adascale" not in methods["charlm-adamw"]
+    assert {"workload": "charlm-adamw", "method": "adascale"} in [{k: s[k] for k in ("workload", "method")}
+                                                                  for s in skipped]
+
+
+# ----------------------------------------------------------------------------- statistics and docstrings
 
 
 def test_bootstrap_intervals_need_three_values_and_bracket_the_median():
@@ -58,3 +312,11 @@ def test_bootstrap_intervals_need_three_values_and_bracket_the_median():
     est = median_ci([1.0, 2.0, 3.0, 5.0])
     assert est.ci[0] <= est.median <= est.ci[1]
     assert ratio_ci([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]).median == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__, "benchmarks.")))
+def test_benchmark_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    if result.attempted == 0:
+        pytest.skip(f"{name} has no docstring examples")
+    assert result.failed == 0
