@@ -263,7 +263,7 @@ def _linreg_run(noise_schedule, samples: int, cfg: ControllerConfig, dim: int = 
 
 def test_controller_grows_fast_when_the_noise_rises_and_shrinks_when_it_falls():
     # B_simple = 16 (1 + s) + 1: about 80 for s = 4, 1,000 for s = 60; target = 2 x B_simple
-    cfg = ControllerConfig(initial_batch=16, min_batch=16, max_batch=4096, min_efficiency=0)
+    cfg = ControllerConfig(initial_batch=16, min_batch=16, max_batch=4096, min_efficiency=0, target_factor=2.0)
     schedule = lambda s: 4.0 if s < 100_000 else (60.0 if s < 400_000 else 4.0)  # noqa: E731
     trace, _ = _linreg_run(schedule, 600_000, cfg)
     at = lambda s: next(b for x, b in trace if x >= s)  # noqa: E731
@@ -273,7 +273,7 @@ def test_controller_grows_fast_when_the_noise_rises_and_shrinks_when_it_falls():
 
 
 def test_controller_does_not_oscillate_on_a_noisy_constant_signal():
-    cfg = ControllerConfig(initial_batch=16, min_batch=16, max_batch=4096, min_efficiency=0)
+    cfg = ControllerConfig(initial_batch=16, min_batch=16, max_batch=4096, min_efficiency=0, target_factor=2.0)
     for seed in (3, 4):
         trace, _ = _linreg_run(lambda s: 8.0, 400_000, cfg, seed=seed)  # B_simple ~ 145: target ~ 290
         batches = [b for _, b in trace]
@@ -516,7 +516,7 @@ def test_a_checkpoint_of_another_config_or_version_is_refused_clearly():
     model = _mlp()
     other = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.1), 16,
                                     ControllerConfig(target_factor=3.0))
-    with pytest.raises(ConfigError, match="target_factor: checkpoint 2.0, this controller 3.0"):
+    with pytest.raises(ConfigError, match="target_factor: checkpoint 1.0, this controller 3.0"):
         other.load_state_dict(state)
     with pytest.raises(ConfigError, match="version 1"):
         a[3].load_state_dict({**state, "version": 1})
