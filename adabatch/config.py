@@ -41,6 +41,21 @@ def _check(cond: bool, name: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"ControllerConfig.{name}={value!r} is invalid: accepted {accepted}.")
 
 
+def config_changes(text: str) -> dict[str, Any]:
+    """ControllerConfig field changes from a JSON object (a command-line argument), checked.
+
+    Example:
+        >>> config_changes('{"window_fraction": 0.2}')
+        {'window_fraction': 0.2}
+    """
+    try:
+        changes = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config changes {text[:60]!r} are not JSON: {exc.msg}") from None
+    ControllerConfig.from_dict(changes)  # unknown fields and bad values: one clear error
+    return changes
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     """Settings of :class:`~adabatch.AdaptiveBatchController`.

@@ -13,8 +13,8 @@ The controller only orchestrates; each idea lives in its own module, and data fl
 
 - :mod:`adabatch.plan`: what the step looks like (micro-batch sizes, measured or not), asked by
   the controller and by the loader's sampler alike;
-- :mod:`adabatch.measure` / :mod:`adabatch.gradnorm`: on measured steps, the norms of the step's
-  pieces taken alone and of the total, without hooks, read back once;
+- :mod:`adabatch.measure` / :mod:`adabatch.gradnorm`: on measured steps, per-example gradient norms
+  (or the norms of the step's pieces taken alone) and the norm of the total, read back once;
 - :mod:`adabatch.noise`: per-step unbiased |G|^2 and tr(Sigma), averaged over a window of samples,
   B_simple with a 95 % interval;
 - :mod:`adabatch.policy` / :mod:`adabatch.goodput`: the target batch for a noise scale;

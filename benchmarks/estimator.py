@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
+from adabatch.config import config_changes
 from adabatch.gradnorm import adam_denominators
 from adabatch.workloads import Workload, get_workload, make_optimizer
 
@@ -233,13 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=int, default=12)
     p.add_argument("--quick", action="store_true", help="one seed, six checkpoints")
     p.add_argument("--only", nargs="+", help="labels (substring match) to run")
-    p.add_argument("--config", default="{}", help="ControllerConfig changes for every run, as a Python dict")
+    p.add_argument("--config", default="{}", help='ControllerConfig changes for every run, as JSON (e.g. \'{"window_fraction": 0.2}\')')
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [args.seeds[0]] if args.quick else args.seeds
     checkpoints = 6 if args.quick else args.checkpoints
-    extra = eval(args.config, {})  # a dict literal from the command line
+    extra = config_changes(args.config)
     t0 = time.time()
     runs = []
     for label, name, optimizer, budget, changes in SUITE:

@@ -39,6 +39,7 @@ from scipy import stats
 from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
+from adabatch.config import config_changes
 from adabatch.plan import plan_step
 from adabatch.workloads import mlp, mnist1d_data
 
@@ -150,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), nargs="+", default=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--config", default="{}", help="ControllerConfig changes, as a Python dict")
+    parser.add_argument("--config", default="{}", help='ControllerConfig changes, as JSON (e.g. \'{"window_fraction": 0.2}\')')
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    config = ControllerConfig(**eval(args.config, {}))
+    config = ControllerConfig(**config_changes(args.config))
     report: dict[str, Any] = {"threads": 1, "rounds": args.rounds, "config": config.to_dict(), "models": {}}
     for name in args.model:
         res = measure(name, args.rounds, config)

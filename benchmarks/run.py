@@ -377,7 +377,8 @@ def _assemble(jobs, suite, args, seeds, methods, skipped, peers, tuned, targets)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     path.write_text(json.dumps(results, default=_json_default))
-    report = write_report(path, args.out, readme=args.readme, overhead=RESULTS / "overhead.json")
+    report = write_report(path, args.out, readme=args.readme, overhead=RESULTS / "overhead.json",
+                          estimator=RESULTS / "estimator.json")
     print(f"wrote {path} and {report} ({len(runs)} runs, {len(failures)} failed, {len(missing)} not run yet)")
     return report
 
