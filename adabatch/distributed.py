@@ -85,12 +85,10 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
                          "CUDA, else gloo).")
     if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s < 1e7):
         raise ValueError(f"timeout_s={timeout_s!r} is invalid: accepted a number of seconds > 0.")
-    if dist.is_available() and dist.is_initialized():
-        return current()
-    if not launched():
-        return current()
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("backend='nccl' needs CUDA, which this process does not see; use gloo on CPU.")
+    if (dist.is_available() and dist.is_initialized()) or not launched():
+        return current()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
