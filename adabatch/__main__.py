@@ -4,4 +4,5 @@ import sys
 
 from adabatch.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (docstring tests) runs nothing
+    sys.exit(main())
