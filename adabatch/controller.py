@@ -87,7 +87,9 @@ class AdaptiveBatchController:
 
     Args:
         model: the module being trained (a ``DistributedDataParallel`` wrapper is recognised, and
-            gradient sync is skipped on all but the last micro-batch of a step).
+            gradient sync is skipped on all but the last micro-batch of a step). A model sharded
+            with FSDP2 (``fully_shard``) keeps FSDP's own sync, a reduce-scatter per micro-batch;
+            the norms of its sharded gradients are summed over ranks (:mod:`adabatch.gradnorm`).
         optimizer: any ``torch.optim.Optimizer``; its learning rate is the one for ``base_batch``.
         micro_batch_size: samples per micro-batch on this process that a plain loader yields; every
             batch size is a multiple of it times the number of processes.
@@ -160,6 +162,7 @@ class AdaptiveBatchController:
         self.base_batch = config.base_batch or self.batch_size
 
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._sharded = any(hasattr(p, "placements") for p in self._params)  # DTensors: FSDP2
         self._max_micro_units = max(1, (config.max_micro_batch or self.max_batch) // micro_batch_size)
         self._data_cap_units = self._max_micro_units  # lowered by batch_sampler() to one pass of the data
         self.memory = MicroBatchMemory.for_device(self._params[0].device, config.memory_fraction)
@@ -554,8 +557,9 @@ class AdaptiveBatchController:
         batch = round_to_granularity(state["batch_size"], self.granularity, self.min_batch, self.max_batch)
         if state["micro_batch_size"] * state["world_size"] != self.granularity or batch != state["batch_size"]:
             log.warning("adabatch: checkpoint taken with %d process(es) x %d samples, resumed with %d x %d; the "
-                        "global batch %d is re-rounded to %d.", state["world_size"], state["micro_batch_size"],
-                        self.world_size, self.micro_batch_size, state["batch_size"], batch)
+                        "global batch %d is re-rounded to %d (a multiple of %d).", state["world_size"],
+                        state["micro_batch_size"], self.world_size, self.micro_batch_size, state["batch_size"], batch,
+                        self.granularity)
         self.batch_size = batch
         self.steps, self.samples = state["steps"], state["samples"]
         self.dataset_size = state["dataset_size"] if self.dataset_size is None else self.dataset_size
@@ -675,6 +679,12 @@ class AdaptiveBatchController:
             if extra:
                 measurement = torch.cat([measurement, torch.tensor(extra, dtype=measurement.dtype,
                                                                    device=measurement.device)])
+            if self._sharded:
+                # a shard's squared norm is 1/world of a sum over ranks: scaled so the average below is
+                # that sum, counted once. A per-example mean is this rank's own, averaged like the rest.
+                first = 1 if isinstance(self._norms, ExampleNorms) else 0
+                norms_end = measurement.numel() - len(extra) - (self.scaler is not None)
+                measurement[first:norms_end] *= self.world_size
             torch.distributed.all_reduce(measurement, group=self.process_group)
             measurement /= self.world_size
         values = measurement.tolist()  # [pieces..., total, (AMP scale), (work, step seconds)]
@@ -691,6 +701,9 @@ class AdaptiveBatchController:
             piece_sizes.append(sum(self._sizes[at:at + g]))
             at += g
         pieces, total = mean_gradient_norms(values, piece_sizes, self._step_samples, self._planned, loss_scale)
+        if self._sharded and not isinstance(self._norms, ExampleNorms):
+            # FSDP reduce-scatters every micro-batch: a piece is the mean over its samples on all ranks
+            piece_sizes = [b * self.world_size for b in piece_sizes]
         total_size = step_batch  # the sum is over every process's samples; pieces are per process
         self.estimator.advance(self._unmeasured_samples - step_batch)
         self._unmeasured_samples = 0

@@ -15,6 +15,13 @@ includes the current g^2). The denominator is therefore floored at ``RELATIVE_FL
 tensor's RMS of sqrt(v_hat): that changed the exact preconditioned B_simple by less than 3 % at
 every checkpoint measured (steps 100 to 3,000), and brought the largest single example's share of
 tr(P Sigma P) to 0.3 %.
+
+Sharded gradients (FSDP2, ``torch.distributed.fsdp.fully_shard``): parameters and gradients are
+DTensors and each rank holds one shard. The norms here are of the local shard only, so nothing is
+communicated per parameter; the squared shard norms add up to the full squared norm, and the
+controller sums them over ranks once per measurement, in the all-reduce it makes anyway. A mesh
+dimension along which a tensor is replicated (HSDP) holds the same shard several times: its
+squared norm is divided by the number of copies so that the sum over ranks counts it once.
 """
 
 from __future__ import annotations
@@ -39,14 +46,23 @@ def grad_norms(params: Sequence[Tensor], denominators: Sequence[Tensor] | None =
         >>> round(sum(float(n) ** 2 for n in grad_norms(list(lin.parameters()))), 5)  # |d/dw|^2 + |d/db|^2
         4.0
     """
-    grads, den = [], []
+    grads, den, copies = [], [], []
     for i, p in enumerate(params):
         if p.grad is not None:
-            grads.append(p.grad)
+            g, c = local_shard(p.grad)
+            grads.append(g)
+            copies.append(c)
             if denominators is not None:
-                den.append(denominators[i])
+                den.append(local_shard(denominators[i])[0])
     if not grads:
         return [torch.zeros((), device=params[0].device)] if params else []
+    if any(c != 1 for c in copies):
+        return [n / c ** 0.5 for n, c in zip(_local_norms(grads, den), copies)]
+    return _local_norms(grads, den)
+
+
+def _local_norms(grads: list[Tensor], den: list[Tensor]) -> list[Tensor]:
+    """Norms of plain (local) gradient tensors, divided by ``den`` when it is not empty."""
     if any(g.is_sparse for g in grads):
         return [_norm(g if not den else g / d) for g, d in zip(grads, den or grads)]
     if den:
@@ -54,6 +70,29 @@ def grad_norms(params: Sequence[Tensor], denominators: Sequence[Tensor] | None =
     if all(g.dtype == torch.float32 for g in grads):
         return list(torch._foreach_norm(grads, 2))  # the dtype argument would cost a slower kernel
     return list(torch._foreach_norm(grads, 2, dtype=torch.float32))  # bf16 sums would keep 8 bits
+
+
+def local_shard(t: Tensor) -> tuple[Tensor, int]:
+    """(the local tensor, the number of ranks holding a copy of it) of a DTensor; (t, 1) otherwise.
+
+    Raises ValueError for a pending reduction (a ``Partial`` placement), whose local value is not
+    a shard of the tensor.
+
+    Example:
+        >>> local_shard(torch.ones(2))
+        (tensor([1., 1.]), 1)
+    """
+    placements = getattr(t, "placements", None)
+    if placements is None or not hasattr(t, "to_local"):
+        return t, 1
+    copies = 1
+    for dim, placement in enumerate(placements):
+        if placement.is_partial():
+            raise ValueError(f"a gradient is a DTensor with a pending reduction ({placement}); adabatch reads "
+                             "sharded (Shard) or replicated (Replicate) gradients, as FSDP2 and DDP leave them.")
+        if placement.is_replicate():
+            copies *= t.device_mesh.size(dim)
+    return t.to_local(), copies
 
 
 def squared_norm(params: Sequence[Tensor], denominators: Sequence[Tensor] | None = None) -> Tensor:
@@ -104,5 +143,7 @@ def adam_denominators(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]
         torch._foreach_sqrt_(den)
         norms = torch._foreach_norm(den)  # |sqrt(v_hat)| = sqrt(n) x RMS(sqrt(v_hat))
         for d, norm, e in zip(den, norms, eps):
-            d.add_(torch.clamp(norm * (RELATIVE_FLOOR / d.numel() ** 0.5), min=e))
+            if hasattr(norm, "full_tensor"):  # a shard's norm (FSDP2): the floor is the whole tensor's RMS
+                norm = norm.full_tensor()
+            local_shard(d)[0].add_(torch.clamp(norm * (RELATIVE_FLOOR / d.numel() ** 0.5), min=e))
     return list(den)

@@ -145,7 +145,7 @@ def linear_layers(model: nn.Module, params: Sequence[Tensor]) -> list[nn.Linear]
     owner: dict[int, nn.Linear] = {}
     layers: list[nn.Linear] = []
     for module in model.modules():
-        if type(module) is nn.Linear:  # subclasses may not call the module's forward (attention's out_proj)
+        if _plain_type(module) is nn.Linear:  # subclasses may not call the module's forward (attention's out_proj)
             layers.append(module)
             for p in module.parameters(recurse=False):
                 owner[id(p)] = module
@@ -153,6 +153,20 @@ def linear_layers(model: nn.Module, params: Sequence[Tensor]) -> list[nn.Linear]
         return None
     used = {id(owner[id(p)]) for p in params}
     return [m for m in layers if id(m) in used]
+
+
+def _plain_type(module: nn.Module) -> type:
+    """The module's own class, seen through FSDP2's wrapper class (``FSDPLinear`` is a Linear).
+
+    ``fully_shard`` swaps a module's class for ``FSDP<name>(FSDPModule, <class>)``; the layer still
+    runs its class's forward on full (all-gathered) weights and the local batch, so per-example
+    norms read from its activations are those of this rank's examples, as under DDP.
+    """
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        return bases[1]
+    return cls
 
 
 class Unsupported(RuntimeError):
@@ -268,7 +282,8 @@ class ExampleNorms:
 def example_denominators(layers: Sequence[nn.Linear], params: Sequence[Tensor],
                          denominators: Sequence[Tensor]) -> dict[int, tuple[Tensor, Tensor | None]]:
     """Per layer (P_W^2, P_b^2) from Adam's denominators d (P = 1 / d), for :class:`ExampleNorms`."""
-    by_param = {id(p): d for p, d in zip(params, denominators)}
+    # a sharded layer (FSDP2) needs its whole preconditioner: one all-gather per tensor, on measured steps only
+    by_param = {id(p): d.full_tensor() if hasattr(d, "full_tensor") else d for p, d in zip(params, denominators)}
     out = {}
     for layer in layers:
         pw2 = by_param[id(layer.weight)].float().reciprocal().square()  # (out, in), like W

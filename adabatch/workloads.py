@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from adabatch import distributed
 from adabatch.config import ControllerConfig
 from adabatch.controller import AdaptiveBatchController
 
@@ -338,6 +339,8 @@ class RunResult:
     evals: list[dict[str, float]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # per rank: digests of its batches and weights
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("history", "evals")}
@@ -431,11 +434,13 @@ def make_scheduler(workload: Workload, optimizer: torch.optim.Optimizer, total_s
 @torch.no_grad()
 def evaluate(workload: Workload, model: nn.Module, data: Data) -> float:
     model.eval()
+    device = next(model.parameters()).device
     try:
-        out = torch.cat([model(x) for x in data.x_test.split(500)])
+        out = torch.cat([model(x.to(device)) for x in data.x_test.split(500)])
+        y = data.y_test.to(device)
         if workload.metric == "accuracy":
-            return float((out.argmax(-1) == data.y_test).float().mean())
-        return float(workload.loss(out, data.y_test))
+            return float((out.argmax(-1) == y).float().mean())
+        return float(workload.loss(out, y))
     finally:
         model.train()
 
@@ -453,6 +458,9 @@ def train(
     on_eval: Callable[[dict[str, float]], None] | None = None,
     progress: bool = False,
     data: Data | None = None,
+    sharding: str = "ddp",
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> RunResult:
     """Train ``workload`` under an adaptive controller for ``sample_budget`` samples.
 
@@ -461,21 +469,37 @@ def train(
     training only), stops early once the target is reached if ``stop_at_target``, and raises
     ``optuna.TrialPruned``-style exceptions from ``on_eval`` straight through.
 
+    In a process group of several ranks (``adabatch.distributed.init_from_env`` under torchrun)
+    the model is wrapped by ``sharding`` (``ddp`` or ``fsdp``), each rank trains on its stride of
+    every global micro-batch, and only rank 0 shows progress. ``checkpoint``: a file the run
+    resumes from when it exists, written by rank 0 every ``checkpoint_every`` samples and at the
+    end (model, optimizer, scheduler, controller, sampler and evaluations); it resumes on any
+    number of processes, the global batch re-rounded to the new granularity.
+
     Example:
         >>> r = train("linreg", sample_budget=2_000, eval_every=1_000)
         >>> r.samples >= 2_000 and r.metric == "val_loss"
         True
     """
     wl = get_workload(workload) if isinstance(workload, str) else workload
+    if checkpoint_every is not None and (checkpoint is None or not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} is invalid: a number of samples >= 1, with a "
+                         "checkpoint file.")
+    ctx = distributed.current()
     torch.manual_seed(seed)
     data = data or wl.make_data(seed)
     model = wl.make_model()
-    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr, wl.weight_decay)
+    saved = _read_checkpoint(checkpoint, wl.name, seed)
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # before wrapping: every rank starts from the same full weights
+    net = distributed.wrap(model, ctx, sharding)
+    opt = make_optimizer(wl.optimizer, net.parameters(), wl.lr, wl.weight_decay)
     budget = sample_budget or wl.sample_budget
     base = (config.base_batch or config.initial_batch) if config is not None else None
     steps = budget // (base or wl.micro_batch)  # the schedule is sized for the base batch
     scheduler = make_scheduler(wl, opt, steps) if wl.schedule != "constant" or wl.warmup else None
-    ctl = AdaptiveBatchController(model, opt, micro_batch_size=wl.micro_batch, config=config,
+    ctl = AdaptiveBatchController(net, opt, micro_batch_size=wl.micro_batch, config=config,
                                   energy_meter=energy_meter, scheduler=scheduler)
     for cb in callbacks:
         ctl.add_callback(cb)
@@ -484,14 +508,25 @@ def train(
     best = -math.inf if wl.higher_is_better else math.inf
     hit: dict[str, Any] | None = None
     next_eval = eval_every
-    bar = _progress(budget, wl.name) if progress else None
-    done = False
+    if saved is not None:
+        _load_optimizer(net, opt, saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        ctl.load_state_dict(saved["controller"])
+        sampler.load_state_dict(saved["sampler"])
+        evals, best, hit, next_eval = saved["evals"], saved["best"], saved["hit"], saved["next_eval"]
+    next_save = math.inf if checkpoint_every is None else (ctl.samples // checkpoint_every + 1) * checkpoint_every
+    eval_model = distributed.unwrap(net)  # DDP's module evaluates without collectives; FSDP needs every rank
+    bar = _progress(budget, wl.name) if progress and ctx.is_main else None
+    if bar is not None:
+        bar.update(ctl.samples)
+    done = ctl.samples >= budget
     try:
         while not done:
             for idx in sampler:
                 idx = torch.tensor(idx)
-                loss = wl.loss(model(data.x_train[idx]), data.y_train[idx])
-                ctl.backward(loss)
+                x, y = data.x_train[idx].to(ctx.device), data.y_train[idx].to(ctx.device)
+                ctl.backward(wl.loss(net(x), y))
                 if not ctl.step():
                     continue
                 if bar is not None:
@@ -500,7 +535,7 @@ def train(
                     due = min(next_eval, budget)  # steps overshoot it; trials compare at the same point
                     next_eval += eval_every
                     with ctl.paused():  # evaluation is not training time (nor energy)
-                        value = evaluate(wl, model, data)
+                        value = evaluate(wl, eval_model, data)
                         ctl.log_metrics(**{wl.metric: value})
                         best = max(best, value) if wl.higher_is_better else min(best, value)
                         stats = ctl.stats()
@@ -517,7 +552,13 @@ def train(
                             on_eval(ev)
                     if (stop_at_target and hit is not None) or ctl.samples >= budget:
                         done = True
-                        break
+                if checkpoint is not None and (ctl.samples >= next_save or done):
+                    next_save = (ctl.samples // checkpoint_every + 1) * checkpoint_every if checkpoint_every else math.inf
+                    with ctl.paused():
+                        _write_checkpoint(checkpoint, wl.name, seed, net, opt, scheduler, ctl, sampler,
+                                          (evals, best, hit, next_eval), ctx)
+                if done:
+                    break
     finally:
         ctl.flush()  # records reach callbacks (a study's trace) even when a trial is pruned or interrupted
         if bar is not None:
@@ -532,8 +573,90 @@ def train(
         seconds_to_target=hit["seconds"] if hit else None, samples_to_target=int(hit["samples"]) if hit else None,
         steps_to_target=int(hit["step"]) if hit else None,
         energy_to_target=hit["energy_j"] if hit and meter is not None else None,
-        evals=evals, history=[r.to_dict() for r in ctl.history], stats=ctl.stats(),
+        evals=evals, history=[r.to_dict() for r in ctl.history], stats=ctl.stats(), world_size=ctx.world_size,
+        ranks=distributed.gather({"rank": ctx.rank, "batches": distributed.digest(r.batch for r in ctl.history),
+                                  "weights": distributed.weights_digest(net)}) if ctx.distributed else [],
     )
+
+
+CHECKPOINT_FORMAT = "adabatch.train"
+
+
+def _read_checkpoint(path: str | Path | None, workload: str, seed: int) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (None if there is no file yet); it must be of this workload and seed."""
+    if path is None or not Path(path).exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # a file this function's writer made
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by adabatch's training loop; give another "
+                         "--checkpoint file.")
+    if (state["workload"], state["seed"]) != (workload, seed):
+        raise ValueError(f"{path} holds a run of {state['workload']} with seed {state['seed']}, not {workload} with "
+                         f"seed {seed}; give another checkpoint file, or the same workload and seed.")
+    return state
+
+
+def _write_checkpoint(path: str | Path, workload: str, seed: int, net: nn.Module, opt: torch.optim.Optimizer,
+                      scheduler: Any, ctl: AdaptiveBatchController, sampler: Any, progress: tuple,
+                      ctx: distributed.Context) -> None:
+    """Rank 0 writes the run's state (whole tensors, whatever the sharding), atomically; every rank calls it."""
+    model_state = {k: _whole(v) for k, v in distributed.unwrap(net).state_dict().items()}
+    opt_state = opt.state_dict()
+    opt_state = _by_name({"state": {i: {k: _whole(v) for k, v in st.items()} for i, st in opt_state["state"].items()},
+                          "param_groups": opt_state["param_groups"]}, _names(net, opt))
+    controller_state = ctl.state_dict()
+    if ctx.is_main:
+        evals, best, hit, next_eval = progress
+        state = {"format": CHECKPOINT_FORMAT, "workload": workload, "seed": seed, "world_size": ctx.world_size,
+                 "model": model_state, "optimizer": opt_state,
+                 "scheduler": None if scheduler is None else scheduler.state_dict(),
+                 "controller": controller_state, "sampler": sampler.state_dict(),
+                 "evals": evals, "best": best, "hit": hit, "next_eval": next_eval}
+        tmp = Path(f"{path}.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # a crash mid-write leaves the previous checkpoint whole
+    if ctx.distributed:
+        torch.distributed.barrier()  # no rank may resume from (or overwrite) a half-written file
+
+
+def _names(net: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters' names, in its order (the same names with and without a wrapper)."""
+    name_of = {id(p): n for n, p in distributed.unwrap(net).named_parameters()}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name, as FSDP's whole state dict is: any sharding resumes it."""
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _whole(value: Any) -> Any:
+    """A tensor whole and on the CPU (a DTensor shard is gathered: every rank must call this)."""
+    if not isinstance(value, Tensor):
+        return value
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach().cpu()
+
+
+def _load_optimizer(net: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state of :func:`_by_name` (whole tensors), sharding each as its parameter is sharded."""
+    names = _names(net, opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+
+    def placed(value: Any, p: Tensor) -> Any:
+        if hasattr(p, "placements") and isinstance(value, Tensor) and value.shape == p.shape:
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        return value
+
+    opt.load_state_dict({"state": {index[n]: {k: placed(v, params[index[n]]) for k, v in st.items()}
+                                   for n, st in state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in state["param_groups"]]})
 
 
 def _progress(total: int, name: str):
