@@ -269,8 +269,15 @@ class AdaptiveBatchController:
         Paused time counts neither in the throughput profile of the goodput and energy policies,
         nor in the measurement budget, nor in the ``seconds`` and ``energy_j`` of records.
         """
-        with self.clock.paused():
-            yield
+        norms = self._norms if isinstance(self._norms, ExampleNorms) else None
+        if norms is not None:
+            norms.suspended = True  # an evaluation's forward passes are not the step's examples
+        try:
+            with self.clock.paused():
+                yield
+        finally:
+            if norms is not None:
+                norms.suspended = False
 
     def batch_sampler(self, num_samples: int, **kwargs: Any) -> AdaptiveBatchSampler:
         """A ``batch_sampler`` for ``DataLoader`` whose micro-batch sizes follow this controller.
@@ -524,6 +531,7 @@ class AdaptiveBatchController:
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
             "policy": self.policy.state_dict(),
             "memory": self.memory.state_dict(),
+            "planner": self.planner.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -565,11 +573,11 @@ class AdaptiveBatchController:
         self.dataset_size = state["dataset_size"] if self.dataset_size is None else self.dataset_size
         self.measure_interval, self._measure_anchor = state["measure_interval"], state["measure_anchor"]
         self._stretch = state["measure_stretch"]
-        self._changes_seen = self.estimator.changes
         self._unmeasured_samples = state["unmeasured_samples"]
         self.skipped_steps, self.amp_skipped_steps = state["skipped_steps"], state["amp_skipped_steps"]
         self.clock.load_state_dict(state["clock"])
         self.estimator.load_state_dict(state["estimator"])
+        self._changes_seen = self.estimator.changes  # regime changes already acted on (after the load, not before)
         self.decider.load_state_dict(state["decider"])
         if self.progress is not None and state["progress"] is not None:
             self.progress.load_state_dict(state["progress"])
@@ -586,6 +594,9 @@ class AdaptiveBatchController:
         self.planner._ahead.clear()
         self._reset_step_state()
         self.planner.step = self.steps
+        if state.get("planner") is not None and batch == state["batch_size"] \
+                and state["micro_batch_size"] * state["world_size"] == self.granularity:
+            self.planner.load_state_dict(state["planner"])  # same granularity: the plans already made stand
         self._begin_step()
 
     # ------------------------------------------------------------------ internals

@@ -203,13 +203,17 @@ class ExampleNorms:
         self._count = 0
         self._examples = 0  # examples in the micro-batch in progress
         self.error: str | None = None
+        self.suspended = False  # set inside controller.paused(): forwards there are not the step's
         self._handles = [layer.register_forward_hook(self._forward) for layer in layers]
 
     def _forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        if self.suspended or not torch.is_grad_enabled() or not isinstance(output, Tensor) \
+                or not output.requires_grad:
+            return  # an evaluation between micro-batches (or under no_grad) is not part of the step
         key = id(module)
         self._calls[key] = self._calls.get(key, 0) + 1
         a = inputs[0] if inputs else None
-        if self.error is not None or not isinstance(a, Tensor) or not output.requires_grad:
+        if self.error is not None or not isinstance(a, Tensor):
             if self.error is None:
                 self.error = f"{type(module).__name__} called without a tensor input"
             return

@@ -174,6 +174,22 @@ class StepPlanner:
         self.issued.append(int(size))
         return int(size)
 
+    def state_dict(self) -> dict:
+        """The plans already made for the step in progress and later ones, and whether the loader follows.
+
+        A plan made ahead (for a prefetching loader, or at the end of a pass) fixed that step's sizes
+        and whether it is measured under the cadence of its time; a resumed run must reuse it, not
+        plan again under the cadence of the checkpoint, to follow the same trajectory.
+        """
+        plans = {self.step: self.current, **self._ahead}
+        return {"follows": self.follows,
+                "plans": {str(k): [list(p.sizes), list(p.groups)] for k, p in sorted(plans.items())}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Reuse the saved plans (their step's plan is taken by the next :meth:`start_step`)."""
+        self.follows = bool(state["follows"])
+        self._ahead = {int(k): StepPlan(tuple(sizes), tuple(groups)) for k, (sizes, groups) in state["plans"].items()}
+
     def take(self) -> int | None:
         """The size of the micro-batch arriving now, if the loader reserved it."""
         self.done_in_step += 1

@@ -436,7 +436,8 @@ def evaluate(workload: Workload, model: nn.Module, data: Data) -> float:
     model.eval()
     device = next(model.parameters()).device
     try:
-        out = torch.cat([model(x.to(device)) for x in data.x_test.split(500)])
+        with torch.no_grad():
+            out = torch.cat([model(x.to(device)) for x in data.x_test.split(500)])
         y = data.y_test.to(device)
         if workload.metric == "accuracy":
             return float((out.argmax(-1) == y).float().mean())
