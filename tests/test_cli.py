@@ -380,3 +380,44 @@ def test_a_password_in_the_storage_url_appears_in_no_output_attribute_file_or_tr
         engine.dispose()
     assert leaks == []
     assert len(study.trials) == 4 and len(outputs) == 9
+
+
+def _demo(checkpoint: Path, out: Path, samples: int, every: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "adabatch", "demo", "--workload", "linreg", "--samples", str(samples),
+           "--checkpoint", str(checkpoint), "--out", str(out)]
+    if every is not None:
+        cmd += ["--checkpoint-every", str(every)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.37])
+def test_a_training_run_sigkilled_mid_run_resumes_from_its_checkpoint_to_the_same_end_bit_for_bit(tmp_path, delay):
+    """Kill -9 at an arbitrary moment after the first checkpoint (mid-accumulation included), run the
+    same command again: the end state equals the uninterrupted run's, weights and controller alike."""
+    import torch
+
+    samples = 60_000
+    whole = _demo(tmp_path / "whole.pt", tmp_path / "a", samples)
+    assert whole.wait(timeout=240) == 0, whole.stderr.read()
+    killed_ckpt = tmp_path / "killed.pt"
+    victim = _demo(killed_ckpt, tmp_path / "b", samples, every=4_000)
+    deadline = time.monotonic() + 120
+    while not killed_ckpt.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    assert victim.poll() is None, "the run ended before it could be killed: make it longer"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    at_kill = torch.load(killed_ckpt, weights_only=False)["controller"]["samples"]
+    assert at_kill < samples
+    again = _demo(killed_ckpt, tmp_path / "b", samples, every=4_000)
+    assert again.wait(timeout=240) == 0, again.stderr.read()
+    a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "whole.pt", killed_ckpt))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    ca, cb = a["controller"], b["controller"]
+    for key in ("samples", "steps", "batch_size"):
+        assert ca[key] == cb[key], key
+    assert ca["estimator"] == cb["estimator"]
+    assert [e["val_loss"] for e in a["evals"]] == [e["val_loss"] for e in b["evals"]]

@@ -554,3 +554,33 @@ def test_callbacks_receive_every_step_in_order():
     # every record carries the estimate in force after its step, not only the measured ones
     assert all(math.isfinite(r.b_simple) for r in ctl.history[3:])
     assert [r.b_simple for r in ctl.history[3:6]] == [ctl.history[3].b_simple] * 3
+
+
+@pytest.mark.parametrize("how", ["paused", "no_grad", "plain"])
+def test_an_evaluation_between_steps_is_not_mistaken_for_the_step_s_examples(how):
+    """Per-example norms hook the model's Linear layers on measured steps; a forward pass between
+    steps (an evaluation) must not count as a second call of the layer, which would make the
+    controller give per-example norms up for the rest of the run. Inside ``paused()`` or under
+    ``no_grad`` it is ignored; a plain forward with gradients on is indistinguishable from training
+    and falls back, as documented."""
+    model = _mlp()
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.05), 16, _fixed(32, measure_every=1))
+    x, y = _data(1024)
+    probe = torch.randn(64, 10)
+    sampler = ctl.batch_sampler(len(x), seed=1)
+    while ctl.steps < 30:
+        for idx in sampler:
+            ctl.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]))
+            if ctl.step():
+                if how == "paused":
+                    with ctl.paused():
+                        model(probe)
+                elif how == "no_grad":
+                    with torch.no_grad():
+                        model(probe)
+                else:
+                    model(probe)
+            if ctl.steps >= 30:
+                break
+    assert ctl.measurement == ("pieces" if how == "plain" else "examples")
+    assert ctl.estimator.measurements >= 29
