@@ -28,7 +28,7 @@ Example:
     ...     s += 64
     ...     t.record(s, 1.36 + 1e-4 * (s - 6400), 64)  # the loss turns upward after the change
     >>> v = t.verdicts(s)[0]
-    >>> v.old_batch, v.new_batch, v.efficiency, v.failed
+    >>> v.old_batch, v.new_batch, round(v.efficiency, 6), v.failed
     (32, 64, -1.0, True)
 """
 
