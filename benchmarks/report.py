@@ -167,11 +167,12 @@ def _ratio_goal(key: str, name: str, est: Estimate, line: float) -> Goal:
         return Goal(key, name, fmt_est(est), f"<= {line}", False, "not reached on most seeds")
     met = x <= line
     note = ""
+    value = fmt_est(est)
     if x == 0:
-        note = "the reference did not reach the target"
+        value, note = "0: reached, the reference not", "the reference did not reach the target on most seeds"
     elif est.ci is not None and (est.ci[1] > line if met else est.ci[0] <= line):
         note = "the interval reaches across the line"
-    return Goal(key, name, fmt_est(est), f"<= {line}", met, note)
+    return Goal(key, name, value, f"<= {line}", met, note)
 
 
 def no_worse(candidate: list[dict], reference: list[dict], higher_is_better: bool) -> tuple[bool | None, str]:
@@ -221,7 +222,7 @@ def goals(methods: dict[str, list[dict]], higher_is_better: bool) -> list[Goal]:
         steps.value += f"; final {text}"
         if steps.met and equal is not True:
             steps.met, steps.note = (None, "final metric: no interval") if equal is None else \
-                (False, "final metric below the smallest fixed batch's interval")
+                (False, "final metric worse than the smallest fixed batch's interval")
         out.append(steps)
     return out
 
