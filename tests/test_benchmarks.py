@@ -320,3 +320,19 @@ def test_benchmark_docstring_examples_run(name):
     if result.attempted == 0:
         pytest.skip(f"{name} has no docstring examples")
     assert result.failed == 0
+
+
+def test_lr_rule_benchmark_changes_the_rule_and_nothing_else(tmp_path):
+    from benchmarks import lr_rule
+
+    lr_rule.main(["--suite", "smoke", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "lr_rule.json").read_text())
+    by = {(r["rule"], r["method"]): r for r in results["runs"]}
+    assert set(by) == {("linear", "adabatch"), ("sqrt", "adabatch"), ("linear", "fixed-16"), ("sqrt", "fixed-16")}
+    # at the base batch both rules give factor 1: the fixed runs are the same run
+    assert by["linear", "fixed-16"]["final_metric"] == by["sqrt", "fixed-16"]["final_metric"]
+    # adabatch grows the batch, so the rule changes its LR and its run
+    assert by["linear", "adabatch"]["final_metric"] != by["sqrt", "adabatch"]["final_metric"]
+    summary = results["summary"]["linreg"]
+    assert summary["linear"]["auto"] and not summary["sqrt"]["auto"]  # SGD: auto is linear
+    assert "linear (auto)" in (tmp_path / "lr_rule.md").read_text()
