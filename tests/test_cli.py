@@ -216,22 +216,10 @@ def test_the_storage_url_can_come_from_the_environment(workdir, capsys, monkeypa
     assert "ADABATCH_STORAGE is set but empty" in one_error_line(capsys)
 
 
-SLOW_WORKLOAD = textwrap.dedent("""
-    import dataclasses, time
-    from adabatch.workloads import WORKLOADS
-
-    def _slow_mse(pred, y):
-        time.sleep(0.004)
-        return WORKLOADS["linreg"].loss(pred, y)
-
-    def slow():
-        return dataclasses.replace(WORKLOADS["linreg"], name="slow-linreg", loss=_slow_mse)
-""")
-
 SLOW_STUDY = textwrap.dedent("""
     [study]
     name = "slow"
-    workload = "slow_workloads:slow"
+    workload = "benchmarks.stress:slow_linreg"
     n_trials = 2
     sample_budget = 3200
     eval_every = 320
@@ -250,9 +238,8 @@ SLOW_STUDY = textwrap.dedent("""
 
 
 def start_worker(tmp_path: Path, url: str) -> subprocess.Popen:
-    (tmp_path / "slow_workloads.py").write_text(SLOW_WORKLOAD)
     (tmp_path / "slow.toml").write_text(SLOW_STUDY)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "adabatch.cli", "study", "run", "slow.toml", "--storage", url,
                              "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -19,29 +19,17 @@ import sqlalchemy as sa
 from adabatch import StepRecord
 from adabatch.storage import StorageError, TraceStore, create_engine, open_optuna_storage, retried_trial_number
 
+ROOT = Path(__file__).resolve().parents[1]
+
 PG_URL = os.environ.get("ADABATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-# A linreg workload that sleeps in its loss, so a trial lasts long enough to be killed mid-way.
-SLOW_WORKLOAD = textwrap.dedent("""
-    import dataclasses, time
-    from adabatch.workloads import WORKLOADS
-
-    def _slow_mse(pred, y):
-        time.sleep(0.004)
-        return WORKLOADS["linreg"].loss(pred, y)
-
-    def slow():
-        return dataclasses.replace(WORKLOADS["linreg"], name="slow-linreg", loss=_slow_mse)
-""")
 
 
 def study_file(tmp_path: Path, name: str, *, budget: int, n_trials: int = 2) -> Path:
-    (tmp_path / "slow_workloads.py").write_text(SLOW_WORKLOAD)
     path = tmp_path / f"{name}.toml"
     path.write_text(textwrap.dedent(f"""
         [study]
         name = "{name}"
-        workload = "slow_workloads:slow"
+        workload = "benchmarks.stress:slow_linreg"  # sleeps in its loss: trials last long enough to kill
         n_trials = {n_trials}
         sample_budget = {budget}
         eval_every = 320
@@ -62,7 +50,7 @@ def study_file(tmp_path: Path, name: str, *, budget: int, n_trials: int = 2) -> 
 
 
 def worker(path: Path, storage: str, n_trials: int, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(cwd))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "adabatch.cli", "study", "run", str(path), "--storage", storage,
            "--n-trials", str(n_trials), "--no-progress"]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
