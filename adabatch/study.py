@@ -6,8 +6,10 @@ A study is defined by a TOML file (see ``studies/``) with these tables:
   (one or more of :data:`OBJECTIVES`), ``sampler`` (``tpe``, multi-objective TPE when there are
   several objectives, or ``nsga2``), ``pruner`` (single objective only), ``require_target``
   (a constraint: the validation metric must reach the target), ``target``, ``n_trials`` (the
-  study's total), ``seed`` (seeds the workload and the sampler), ``sample_budget``,
-  ``eval_every``, ``stop_at_target``, ``startup_trials`` (TPE), ``population_size`` (NSGA-II).
+  study's total), ``seed`` (seeds the workload and the sampler), ``seeds_per_trial`` (each trial
+  trains on seeds ``seed .. seed + n - 1`` and reports their mean, so a config is chosen for
+  what it does, not for one lucky run; default 1), ``sample_budget``, ``eval_every``,
+  ``stop_at_target``, ``startup_trials`` (TPE), ``population_size`` (NSGA-II).
 - ``[pruner]``: the pruner's settings, counted in samples like the budget (see
   :data:`PRUNER_KEYS`): ``startup_trials`` (completed trials before any pruning, default 5),
   ``warmup_samples`` (no pruning before, default half the budget), ``interval_samples``
@@ -57,6 +59,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import threading
 import time
 import tomllib
@@ -293,7 +296,8 @@ class Param:
 
 
 STUDY_KEYS = ("name", "workload", "objectives", "sampler", "pruner", "require_target", "target", "n_trials",
-              "seed", "sample_budget", "eval_every", "stop_at_target", "startup_trials", "population_size")
+              "seed", "seeds_per_trial", "sample_budget", "eval_every", "stop_at_target", "startup_trials",
+              "population_size")
 RELIABILITY_KEYS = ("heartbeat_interval", "grace_period", "max_retry", "db_retry_seconds")
 TOP_KEYS = ("study", "pruner", "reliability", "fixed", "search")
 
@@ -319,6 +323,7 @@ class StudySpec:
     target: float | None = None
     n_trials: int = 20
     seed: int = 0
+    seeds_per_trial: int = 1
     sample_budget: int | None = None
     eval_every: int | None = None
     stop_at_target: bool = False
@@ -394,7 +399,8 @@ class StudySpec:
             kw["target"] = _typed(study, "target", (int, float), "a number")
             if not math.isfinite(kw["target"]):
                 raise StudySpecError(f"[study] target={kw['target']!r} must be a finite number.")
-        for key, low, high in (("n_trials", 1, MAX_COUNT), ("seed", 0, MAX_SEED), ("sample_budget", 1, 10**12),
+        for key, low, high in (("n_trials", 1, MAX_COUNT), ("seed", 0, MAX_SEED), ("seeds_per_trial", 1, 100),
+                               ("sample_budget", 1, 10**12),
                                ("eval_every", 1, 10**12), ("startup_trials", 0, MAX_COUNT),
                                ("population_size", 2, MAX_COUNT)):
             if key in study:
@@ -440,6 +446,7 @@ class StudySpec:
             raise StudySpecError(f"[reliability] grace_period={self.grace_period} must exceed heartbeat_interval="
                                  f"{self.heartbeat_interval}, or live trials look dead; use at least twice the interval.")
         self.workload_obj()  # an unknown workload fails here, before any trial starts
+        self.trial_seeds()
         budget = self.budget()
         if self.eval_every is not None and self.eval_every > budget:
             raise StudySpecError(f"[study] eval_every={self.eval_every} exceeds sample_budget={budget}; "
@@ -460,8 +467,15 @@ class StudySpec:
         return wl if self.target is None else dataclasses.replace(wl, target=float(self.target))
 
     def budget(self) -> int:
-        """Samples per trial: ``sample_budget``, else the workload's own budget."""
+        """Samples per run: ``sample_budget``, else the workload's own budget."""
         return int(self.sample_budget or self.workload_obj().sample_budget)
+
+    def trial_seeds(self) -> list[int]:
+        """The seeds every trial trains on, in order (the same for every trial)."""
+        if self.seed + self.seeds_per_trial - 1 > MAX_SEED:
+            raise StudySpecError(f"[study] seed={self.seed} with seeds_per_trial={self.seeds_per_trial} runs past "
+                                 f"the largest seed {MAX_SEED}.")
+        return list(range(self.seed, self.seed + self.seeds_per_trial))
 
     def eval_interval(self) -> int:
         """Samples between evaluations (and pruning checks)."""
@@ -542,6 +556,8 @@ class StudySpec:
             study["population_size"] = self.population_size
         study.update(seed=self.seed, require_target=self.require_target, target=float(wl.target),
                      sample_budget=self.budget(), eval_every=self.eval_interval(), stop_at_target=self.stop_at_target)
+        if self.seeds_per_trial > 1:  # left out at 1, so studies from before the key keep their fingerprint
+            study["seeds_per_trial"] = self.seeds_per_trial
         return {"study": study, "pruner": self.pruner_config(),
                 "fixed": {k: self.fixed[k] for k in sorted(self.fixed)},
                 "search": {p.name: p.to_dict() for p in sorted(self.params, key=lambda p: p.name)}}
@@ -789,7 +805,8 @@ def make_pruner(spec: StudySpec) -> Any:
                                                n_warmup_steps=cfg["warmup_samples"],
                                                interval_steps=cfg["interval_samples"])
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=cfg["min_samples"], max_resource=spec.budget(),
+        return optuna.pruners.HyperbandPruner(min_resource=cfg["min_samples"],
+                                              max_resource=spec.budget() * spec.seeds_per_trial,
                                               reduction_factor=cfg["reduction_factor"])
     if kind == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg["min_samples"],
@@ -815,11 +832,9 @@ class TrialRunner:
         self.retry = retry or (lambda fn, what: fn())
         self.check = check or (lambda: None)
         self.workload = spec.workload_obj()
-        self._data: Any = None
+        self._data: dict[int, Any] = {}  # seed -> the workload's data, made once per worker
 
     def __call__(self, trial: Any) -> Sequence[float] | float:
-        from adabatch.workloads import train
-
         spec, wl, retry = self.spec, self.workload, self.retry
         # Sorted, so the order of [search] in the file does not change what a seed draws.
         params = {p.name: retry(lambda p=p: p.suggest(trial), f"sampling trial {trial.number}")
@@ -828,40 +843,60 @@ class TrialRunner:
         attrs = {"config": config.to_dict(), "metric_name": wl.metric, "target": wl.target,
                  "worker": f"{socket.gethostname()}:{os.getpid()}"}
         retry(lambda: [trial.set_user_attr(k, v) for k, v in attrs.items()], f"starting trial {trial.number}")
-        if self._data is None:
-            self._data = wl.make_data(spec.seed)  # the same data for every trial of this worker
-        writer = self.traces.writer(self.study_name, trial.number)
         budget = spec.budget()
         prune = len(spec.objectives) == 1 and spec.pruner != "none"
+        seeds = spec.trial_seeds()
+        results = []
+        for i, seed in enumerate(seeds):
+            if seed not in self._data:
+                self._data[seed] = wl.make_data(seed)  # the same data for every trial of this worker
+            results.append(self._run_seed(trial, config, seed, offset=i * budget, last=i == len(seeds) - 1,
+                                          prune=prune, trace=i == 0))
+        retry(lambda: _store_results(trial, results, wl, spec.require_target), f"storing trial {trial.number}")
+        values = [statistics.fmean(OBJECTIVES[o].read(r) for r in results) for o in spec.objectives]
+        return values[0] if len(values) == 1 else values
+
+    def _run_seed(self, trial: Any, config: ControllerConfig, seed: int, *, offset: int, last: bool,
+                  prune: bool, trace: bool) -> Any:
+        """One run of the trial's config on ``seed``; its evaluations are reported at ``offset`` + samples,
+        so every trial's k-th seed is compared at the same pruner steps. Only the first seed's
+        steps are stored as the trial's trace."""
+        from adabatch.workloads import train
+
+        spec, wl, retry = self.spec, self.workload, self.retry
+        budget = spec.budget()
+        writer = self.traces.writer(self.study_name, trial.number) if trace else None
 
         def on_step(record: Any) -> None:
             self.check()
-            writer(record)
+            if writer is not None:
+                writer(record)
 
         def on_eval(ev: dict[str, float]) -> None:
-            writer.flush_all()
+            if writer is not None:
+                writer.flush_all()
             if not prune:
                 return
             value, due = float(ev[wl.metric]), int(ev["due"])
-            retry(lambda: trial.report(value, step=due), f"reporting trial {trial.number}")  # same steps in every trial
-            # The evaluation at the end of the budget (or at the target) ends the run anyway:
+            # same steps in every trial
+            retry(lambda: trial.report(value, step=offset + due), f"reporting trial {trial.number}")
+            # The evaluation at the end of the last run (or at the target) ends the trial anyway:
             # pruning there would only throw its value away.
-            final = due >= budget or (spec.stop_at_target and wl.reached(value))
+            final = last and (due >= budget or (spec.stop_at_target and wl.reached(value)))
             if not final and retry(trial.should_prune, f"asking the pruner about trial {trial.number}"):
-                raise optuna.TrialPruned(f"{wl.metric}={value:.4g} at {due} samples")
+                raise optuna.TrialPruned(f"{wl.metric}={value:.4g} at {due} samples of seed {seed}")
 
         meter = _energy_meter()
         try:
-            result = train(wl, config, seed=spec.seed, sample_budget=budget, eval_every=spec.eval_interval(),
+            result = train(wl, config, seed=seed, sample_budget=budget, eval_every=spec.eval_interval(),
                            stop_at_target=spec.stop_at_target, energy_meter=meter, callbacks=(on_step,),
-                           on_eval=on_eval, data=self._data)
-            writer.flush_all()
+                           on_eval=on_eval, data=self._data[seed])
+            if writer is not None:
+                writer.flush_all()
         finally:
             if meter is not None:
                 meter.close()
-        retry(lambda: _store_result(trial, result, wl, spec.require_target), f"storing trial {trial.number}")
-        values = [OBJECTIVES[o].read(result) for o in spec.objectives]
-        return values[0] if len(values) == 1 else values
+        return result
 
 
 def _energy_meter() -> Any:
@@ -872,23 +907,41 @@ def _energy_meter() -> Any:
     return detect_meter()
 
 
-def _store_result(trial: Any, r: Any, wl: Any, require_target: bool) -> None:
-    attrs = {
+def _store_results(trial: Any, results: Sequence[Any], wl: Any, require_target: bool) -> None:
+    """The trial's run results as user attributes: each quantity's mean over the trial's seeds
+    (``None`` where a run has none: a target not reached on every seed has no time to it), and
+    with several seeds, the final metric of each under ``seed_metrics``."""
+    per_run = [{
         "final_metric": r.final_metric, "best_metric": r.best_metric, "wall_seconds": r.wall_seconds,
-        "samples": r.samples, "steps": r.steps, "reached_target": r.reached_target,
-        "seconds_to_target": r.seconds_to_target, "samples_to_target": r.samples_to_target,
-        "energy_j": r.energy_j, "energy_to_target": r.energy_to_target, "energy_source": r.energy_source,
-        "energy_measured": r.energy_measured,
-        "energy_kind": None if r.energy_source is None else ("measured" if r.energy_measured else "estimate"),
+        "samples": r.samples, "steps": r.steps, "seconds_to_target": r.seconds_to_target,
+        "samples_to_target": r.samples_to_target, "energy_j": r.energy_j, "energy_to_target": r.energy_to_target,
         "final_batch": r.stats.get("batch_size"),
-    }
+    } for r in results]
+    attrs: dict[str, Any] = {key: _mean([run[key] for run in per_run]) for key in per_run[0]}
+    first = results[0]
+    attrs.update(reached_target=all(r.reached_target for r in results), energy_source=first.energy_source,
+                 energy_measured=first.energy_measured,
+                 energy_kind=None if first.energy_source is None else ("measured" if first.energy_measured
+                                                                       else "estimate"))
+    if len(results) > 1:
+        attrs["seed_metrics"] = [r.final_metric for r in results]
     for key, value in attrs.items():
         trial.set_user_attr(key, _jsonable(value))
     if require_target:
-        gap = float(wl.target - r.best_metric if wl.higher_is_better else r.best_metric - wl.target)
+        best = statistics.fmean(r.best_metric for r in results)
+        gap = float(wl.target - best if wl.higher_is_better else best - wl.target)
         trial.set_user_attr("constraint", [gap])
         if _NATIVE_CONSTRAINTS:
             trial.set_constraint("reach_target", gap)
+
+
+def _mean(values: Sequence[Any]) -> Any:
+    """Mean of numbers; ``None`` if any is missing; an integer stays one when all agree (one seed)."""
+    if any(v is None for v in values):
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.fmean(float(v) for v in values)
 
 
 def _jsonable(v: Any) -> Any:

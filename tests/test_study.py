@@ -182,6 +182,26 @@ def test_trials_return_objectives_and_store_run_facts(tmp_path):
         assert cfg.max_batch == 128 and cfg.grow_threshold == t.params["grow_threshold"]
 
 
+def test_seeds_per_trial_reports_the_mean_of_one_run_per_seed_and_prunes_seed_by_seed(tmp_path):
+    from adabatch.workloads import train
+
+    text = TINY.replace("n_trials = 2", 'n_trials = 1\nseeds_per_trial = 3\nseed = 5\npruner = "median"')
+    spec = spec_from(text)
+    assert spec.trial_seeds() == [5, 6, 7] and spec.normalised()["study"]["seeds_per_trial"] == 3
+    # One seed per trial is the old study: the fingerprint of a file without the key is unchanged.
+    assert "seeds_per_trial" not in spec_from(TINY).normalised()["study"]
+    trial = run_study(spec, url_in(tmp_path), progress=False).trials[0]
+    config = ControllerConfig.from_dict(trial.user_attrs["config"])
+    alone = [train("linreg", config, seed=s, sample_budget=800, eval_every=400).final_metric for s in (5, 6, 7)]
+    assert trial.user_attrs["seed_metrics"] == pytest.approx(alone)
+    assert trial.value == pytest.approx(sum(alone) / 3) == pytest.approx(trial.user_attrs["final_metric"])
+    # The k-th seed reports at k x budget + samples, so every trial's k-th run meets the same pruner steps.
+    assert sorted(trial.intermediate_values) == [400, 800, 1200, 1600, 2000, 2400]
+    assert [trial.intermediate_values[k] for k in (800, 1600, 2400)] == pytest.approx(alone)
+    with pytest.raises(StudySpecError, match="seeds_per_trial=0 is invalid"):
+        spec_from(TINY.replace("n_trials = 2", "n_trials = 2\nseeds_per_trial = 0"))
+
+
 def test_a_rerun_finishes_the_study_to_n_trials_and_n_trials_asks_for_more(tmp_path):
     spec, url = spec_from(TINY), url_in(tmp_path)  # n_trials = 2
     run_study(spec, url, n_trials=1, progress=False)
