@@ -38,6 +38,19 @@ when their 95 % intervals stop overlapping, the long window restarts from the sh
 ``surprise`` tells how far the latest measurement fell from the window (in per-measurement standard
 deviations), so a caller that measures sparsely can measure densely again when it jumps.
 
+Lag. A window averages the past: under a steady trend, an exponential window of horizon h reads
+the value of h samples ago (its mean age), the quarter window the value of h/4 ago. Their
+difference, times 4/3, is therefore the long window's lag; added to each term, it extrapolates
+the window to the present (a two-horizon extrapolation, as in double exponential smoothing,
+Brown 1963). Only the part of the difference that stands out of sampling noise is used
+(soft-thresholded at the difference's own standard deviation, about 1.34 x the long mean's for
+nested windows), so a steady noise scale is left alone. The interval is the hull of the window's
+own interval and the extrapolated one (with the extrapolation's variance): it holds the present
+value when the noise scale moves, where the window's interval alone held only the past. The point
+estimate stays the window's, so growth still waits for the window itself to show the larger value:
+extrapolating the point as well followed the climb better on synthetic trends but left the
+estimate within 20 % less often on the MNIST-1D MLP (75-83 % of checkpoints against 92 %).
+
 Interval. Fieller's theorem (Fieller 1954) gives the confidence set of a ratio of two means from
 their variances and covariance: {beta : (m_t - beta m_g)^2 <= z^2 Var(m_t - beta m_g)}. When |G|^2 is
 not significantly above zero (the batch is too small to resolve the noise scale), the set is
@@ -46,6 +59,7 @@ not significantly above zero (the batch is too small to resolve the noise scale)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -162,6 +176,14 @@ MIN_MEASUREMENTS = 8
 # effective measurements.
 SHORT_FRACTION = 4.0
 MIN_CHANGE_EVIDENCE = 4.0
+# Lag correction: the long window's mean age minus the short one's, over their difference
+# (h - h/4) / (h - h/4) scaled to the long window: bias = LAG_GAIN x (short mean - long mean).
+LAG_GAIN = SHORT_FRACTION / (SHORT_FRACTION - 1.0)
+# Var(short mean - long mean) / Var(long mean) for nested exponential windows of horizons h and h/4
+# (continuous approximation: 1/(2h) + 2/h - 2 x 4/(5h), over 1/(2h)).
+DIFF_VARIANCE = 1.8
+# Cov(long mean, short mean - long mean) / Var(long mean): (4/(5h) - 1/(2h)) / (1/(2h)).
+LONG_DIFF_COV = 0.6
 
 
 def _moments(sums: Sequence[float]) -> tuple[float, float, float, float, float, float] | None:
@@ -314,11 +336,41 @@ class NoiseScaleEstimator:
         return self.confidence * t_quantile(n_eff - 1.0)
 
     def estimate(self) -> NoiseEstimate:
-        """B_simple, its 95 % interval and whether it is resolved (see :class:`NoiseEstimate`)."""
+        """B_simple, its 95 % interval and whether it is resolved (see :class:`NoiseEstimate`).
+
+        The interval also holds the lag-corrected value (module docstring, "Lag")."""
         if self._cached is None:
             mom = self.moments()
-            self._cached = UNKNOWN if mom is None else self._estimate(mom)
+            self._cached = UNKNOWN if mom is None else self._with_lag(mom)
         return self._cached
+
+    def _with_lag(self, mom: tuple[float, float, float, float, float, float]) -> NoiseEstimate:
+        plain = self._estimate(mom)
+        moved = self._delagged(mom)
+        if moved == mom:
+            return plain
+        ahead = self._estimate(moved)
+        low, high = min(plain.low, ahead.low), max(plain.high, ahead.high)
+        return dataclasses.replace(plain, low=low, high=high, value=plain.value if plain.resolved else low)
+
+    def _delagged(self, mom: tuple[float, float, float, float, float, float]
+                  ) -> tuple[float, float, float, float, float, float]:
+        """The long window's moments moved to the present by the trend the short window shows."""
+        short = _moments(self._short)
+        if short is None or short[5] < MIN_CHANGE_EVIDENCE or mom[5] < 2:
+            return mom
+        m_g, m_t, v_g, v_t, c_gt, n_eff = mom
+        shift = []
+        for m_long, m_short, v_long in ((m_g, short[0], v_g), (m_t, short[1], v_t)):
+            d = LAG_GAIN * (m_short - m_long)
+            sd = LAG_GAIN * math.sqrt(DIFF_VARIANCE * v_long) if math.isfinite(v_long) else math.inf
+            shift.append(math.copysign(max(abs(d) - sd, 0.0), d))  # soft threshold: only a clear trend
+        s_g, s_t = shift
+        k_g, k_t = (s_g != 0.0), (s_t != 0.0)
+        # the shift is an estimate too: Var(m_L + G (m_S - m_L)) = v_L (1 + G^2 DIFF_VARIANCE + 2 G COV)
+        extra = LAG_GAIN * LAG_GAIN * DIFF_VARIANCE + 2 * LAG_GAIN * LONG_DIFF_COV
+        return (m_g + s_g, m_t + s_t, v_g * (1 + extra * k_g), v_t * (1 + extra * k_t),
+                c_gt * (1 + extra * (k_g and k_t)), n_eff)
 
     def _estimate(self, mom: tuple[float, float, float, float, float, float]) -> NoiseEstimate:
         m_g, m_t, v_g, v_t, c_gt, n_eff = mom

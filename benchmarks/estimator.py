@@ -2,6 +2,8 @@
 
     python -m benchmarks.estimator                    # default runs, all workloads; ~25 min on 2 cores
     python -m benchmarks.estimator --quick            # one seed, fewer checkpoints
+    python -m benchmarks.estimator --only AdamW --out /tmp/a   # pieces side by side, one per core,
+    python -m benchmarks.estimator --merge /tmp/a /tmp/b       # then one report from their runs
 
 Each run trains a workload with the controller at its default settings (the loop of
 ``benchmarks.loops``: the controller's sampler, the workload's optimizer), and at every checkpoint
@@ -236,7 +238,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", help="labels (substring match) to run")
     p.add_argument("--config", default="{}", help='ControllerConfig changes for every run, as JSON (e.g. \'{"window_fraction": 0.2}\')')
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="write --out's report from the runs in these folders' estimator.json (runs nothing)")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads((d / "estimator.json").read_text()) for d in args.merge]
+        runs = [r for part in parts for r in part["runs"]]
+        order = {label: i for i, (label, *_) in enumerate(SUITE)}
+        runs.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
+        _write(args.out, {"seeds": sorted({r["seed"] for r in runs}), "runs": runs,
+                          "minutes": sum(part["minutes"] for part in parts)})
+        return
     torch.set_num_threads(1)
     seeds = [args.seeds[0]] if args.quick else args.seeds
     checkpoints = 6 if args.quick else args.checkpoints
@@ -253,12 +265,16 @@ def main(argv: list[str] | None = None) -> None:
             wl = dataclasses.replace(wl, optimizer=optimizer, lr=1e-3)
         for seed in seeds:
             runs.append(run(wl, seed, budget, checkpoints, ControllerConfig(**{**changes, **extra}), label))
-    results = {"seeds": seeds, "minutes": (time.time() - t0) / 60, "runs": runs}
-    results["summary"] = summarize(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "estimator.json").write_text(json.dumps(results, default=float))
-    write_report(results, args.out)
-    plot(results, args.out)
+    _write(args.out, {"seeds": seeds, "minutes": (time.time() - t0) / 60, "runs": runs})
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    """Summarise ``results["runs"]`` and write the JSON, the Markdown report and the plot to ``out``."""
+    results["summary"] = summarize(results["runs"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimator.json").write_text(json.dumps(results, default=float))
+    write_report(results, out)
+    plot(results, out)
     for label, s in results["summary"].items():
         print(f"{label}: median {s['median_ratio']:.2f}, within 20 % {s['within_20']:.0%}, coverage "
               f"{s['coverage']:.0%}, resolved {s['resolved']:.0%}")

@@ -118,6 +118,45 @@ def test_interval_covers_the_truth_at_least_90_percent_of_the_time(g_norm, trace
     assert inside / runs <= 0.995, "an interval that always covers is too wide to decide with"
 
 
+def test_the_interval_holds_the_present_value_of_a_rising_noise_scale_not_only_the_windows_past():
+    """B_simple climbs 4x over the run (as it does while the loss falls). A window's mean reads the
+    value of its mean age ago; the interval also holds the lag-extrapolated value, so it holds the
+    present; the point estimate stays the window's own."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    steps, batch = 400, 64
+    inside, inside_window_only = 0, 0
+    for _ in range(100):
+        est = NoiseScaleEstimator(window_fraction=0.25, min_window=2048)
+        for i in range(steps):
+            truth = 200.0 * (1 + 3 * i / (steps - 1))
+            est.update(1.0 + 0.3 * rng.standard_normal(), truth * (1.0 + 0.3 * rng.standard_normal()), samples=batch)
+        e, window_only = est.estimate(), est._estimate(est.moments())
+        assert e.value == window_only.value
+        inside += e.low <= truth <= e.high
+        inside_window_only += window_only.low <= truth <= window_only.high
+    assert inside_window_only <= 10  # the window trails the climb and its own interval misses
+    assert inside >= 80
+
+
+def test_a_steady_noise_scale_is_not_moved_by_the_lag_correction():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    ratios, inside = [], 0
+    for _ in range(100):
+        est = NoiseScaleEstimator(window_fraction=0.25, min_window=2048)
+        for _ in range(200):
+            est.update(1.0 + 0.3 * rng.standard_normal(), 400.0 * (1.0 + 0.3 * rng.standard_normal()), samples=64)
+        e = est.estimate()
+        ratios.append(e.value / 400.0)
+        inside += e.low <= 400.0 <= e.high
+    # soft-thresholded at the difference's own spread: noise shifts it rarely and by little
+    assert abs(np.median(ratios) - 1) < 0.02 and np.percentile(np.abs(np.array(ratios) - 1), 90) < 0.1
+    assert 90 <= inside <= 99
+
+
 def test_an_unresolvable_noise_scale_reads_as_a_finite_lower_bound_not_inf():
     pop = Population(n=4096, g_norm=0.1, trace=4000.0, seed=2)  # B_simple 400,000 at batch 64
     est = NoiseScaleEstimator(min_window=4096)
