@@ -369,6 +369,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], figures: dict[str, 
         f"{results['total_seconds'] / 60:.1f} min of runs). Seeds {results['seeds']}. Machine: {mach['platform']}, "
         f"{mach['cpu_count']} CPUs, torch {mach['torch']}, {mach['threads']} thread per run; runs interleaved "
         "round-robin over seed x method.", "",
+        *_versions(runs),
         "Time, steps, samples and energy to target are read at evaluation points only (every "
         "`eval_every` samples), so a method that reaches the target at its first evaluation is resolved no "
         "finer than that grid.", "",
@@ -440,6 +441,19 @@ def render(results: dict[str, Any], summary: dict[str, Any], figures: dict[str, 
     return "\n".join(lines)
 
 
+def _versions(runs: list[dict[str, Any]]) -> list[str]:
+    """A paragraph naming the code versions the runs come from, when there are several (methods rerun
+    after a change, the others kept: their times come from different sittings of the machine)."""
+    by: dict[str, list[str]] = {}
+    for r in runs:
+        by.setdefault(str(r.get("code_version")), []).append(r["method"])
+    if len(by) < 2:
+        return []
+    parts = [f"`{v}`: {len(ms)} runs ({', '.join(sorted(set(ms)))})" for v, ms in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+    return ["Runs come from more than one code version, so the methods rerun last were timed in another sitting "
+            "of the machine than the rest: " + "; ".join(parts) + ".", ""]
+
+
 def readme_block(results: dict[str, Any], summary: dict[str, Any], report_path: str,
                  overhead: dict[str, Any] | None = None, estimator: dict[str, Any] | None = None) -> str:
     """The README's benchmark figures, all from the results: goals, every method's time against the
@@ -451,6 +465,7 @@ def readme_block(results: dict[str, Any], summary: dict[str, Any], report_path: 
              f"seeds {results['seeds']}, {mach['cpu_count']}-CPU {mach['platform'].split('-')[0]}, one thread per "
              "run; medians with 95 % bootstrap intervals; full tables, plots and the methods left out in "
              f"[{report_path}]({report_path})).", "",
+             *_versions(results["runs"]),
              "Goals of `adabatch` (untuned defaults unless named):", "",
              "| workload | time / hindsight-best fixed (<= 1.1) | time / median fixed (<= 0.8) | "
              "final metric vs best fixed | tuned time / hindsight best (<= 0.9) | steps / smallest fixed "

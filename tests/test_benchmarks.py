@@ -112,6 +112,17 @@ def test_report_figures_come_from_the_json(smoke, tmp_path):
     assert "123.5" not in (smoke / "report.md").read_text()
 
 
+def test_a_report_of_runs_from_several_code_versions_says_which_methods_were_rerun(smoke, tmp_path):
+    results = _results(smoke)
+    assert "more than one code version" not in (smoke / "report.md").read_text()
+    for r in results["runs"]:
+        r["code_version"] = "v2" if r["method"] == "adabatch" else "v1"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report = write_report(tmp_path / "results.json", tmp_path).read_text()
+    n = sum(r["method"] == "adabatch" for r in results["runs"])
+    assert "more than one code version" in report and f"`v2`: {n} runs (adabatch)" in report
+
+
 def test_readme_block_is_replaced_between_its_markers(smoke, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- benchmark-results:start -->\nold\n<!-- benchmark-results:end -->\noutro\n")
