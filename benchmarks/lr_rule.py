@@ -2,6 +2,8 @@
 
     python -m benchmarks.lr_rule                      # ~5 min on 2 cores
     python -m benchmarks.lr_rule --workloads mnist1d-mlp-adamw
+    python -m benchmarks.lr_rule --workloads charlm-adamw --out /tmp/c   # ~50 min on 2 cores, then
+    python -m benchmarks.lr_rule --merge benchmarks/results/lr_rule.json /tmp/c/lr_rule.json
 
 The suite scales every method's LR from the base batch by the rule ``lr_rule="auto"`` picks (square
 root for Adam-family optimizers, linear otherwise). The configs tuned on seed 100 for
@@ -109,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="default: the suite's")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="write --out from the runs in these lr_rule.json files (a later file's workloads replace "
+                        "an earlier one's); runs nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        _merge(args.merge, args.out)
+        return
     suite = SUITES[args.suite]
     workloads = args.workloads or (WORKLOADS if args.suite == "full" else list(suite["workloads"]))
     unknown = set(workloads) - set(suite["workloads"])
@@ -131,11 +139,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{i}/{len(jobs)}] {run['workload']} {run['rule']} {run['method']} seed {run['seed']}: "
                   f"{'reached in %.2f s' % run['seconds_to_target'] if run['reached_target'] else 'missed'}, "
                   f"final {run['final_metric']:.4g}", flush=True)
-    results = {"suite": args.suite, "seeds": args.seeds, "jobs": args.jobs, "minutes": (time.time() - t0) / 60, "runs": runs}
-    results["summary"] = _summary(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lr_rule.json").write_text(json.dumps(results, indent=1, default=float))
-    (args.out / "lr_rule.md").write_text(_markdown(results))
+    _write({"suite": args.suite, "seeds": args.seeds, "jobs": args.jobs, "minutes": (time.time() - t0) / 60,
+            "runs": runs}, args.out)
+
+
+def _merge(paths: list[Path], out: Path) -> None:
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        for workload in dict.fromkeys(r["workload"] for r in part["runs"]):
+            runs[workload] = [r for r in part["runs"] if r["workload"] == workload]
+    _write({"suite": parts[-1].get("suite", "full"), "seeds": sorted({s for part in parts for s in part["seeds"]}),
+            "jobs": max(part["jobs"] for part in parts), "minutes": sum(part["minutes"] for part in parts),
+            "runs": [r for rs in runs.values() for r in rs]}, out)
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    results["summary"] = _summary(results["runs"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lr_rule.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "lr_rule.md").write_text(_markdown(results))
     print(_markdown(results))
 
 

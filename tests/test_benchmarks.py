@@ -347,3 +347,9 @@ def test_lr_rule_benchmark_changes_the_rule_and_nothing_else(tmp_path):
     summary = results["summary"]["linreg"]
     assert summary["linear"]["auto"] and not summary["sqrt"]["auto"]  # SGD: auto is linear
     assert "linear (auto)" in (tmp_path / "lr_rule.md").read_text()
+    # pieces run apart merge into one file: a later file's workload replaces an earlier one's, never doubles it
+    later = dict(results, runs=[dict(r, final_metric=r["final_metric"] + 1) for r in results["runs"]])
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    lr_rule.main(["--merge", str(tmp_path / "lr_rule.json"), str(tmp_path / "later.json"), "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m" / "lr_rule.json").read_text())
+    assert sorted(r["final_metric"] for r in merged["runs"]) == sorted(r["final_metric"] for r in later["runs"])
