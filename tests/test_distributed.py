@@ -3,6 +3,7 @@ FSDP2, failing fast."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -83,6 +84,10 @@ def _sampler_worker(rank: int, world: int, port: int, out: str) -> None:
             epochs.append(got)
         torch.save(epochs, f"{out}/rank{rank}.pt")
         dist.barrier()
+        # DDP's reducer holds gloo work; freed after the group is gone, at interpreter exit, it can
+        # abort the process (SIGABRT, "terminate called without an active exception"): free it first
+        del ctl, model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
