@@ -307,11 +307,15 @@ class NoiseScaleEstimator:
         return max(z, default=0.0)
 
     def _detect_change(self) -> None:
-        """Restart the long window from the short one when their intervals no longer overlap."""
+        """Restart the long window from the short one when their intervals no longer overlap.
+
+        Both are the windows' own sampling intervals: the long one widened by the lag
+        extrapolation would reach towards the short window's value and hide the very change
+        this looks for."""
         short_mom = _moments(self._short)
         if short_mom is None or short_mom[5] < MIN_CHANGE_EVIDENCE:
             return
-        long_est, short_est = self.estimate(), self._estimate(short_mom)
+        long_est, short_est = self._estimate(self.moments()), self._estimate(short_mom)
         if short_est.low > long_est.high or short_est.high < long_est.low:
             self._sums = list(self._short)
             self.changes += 1
