@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-from benchmarks.stats import median_ci
-
 from adabatch.config import ControllerConfig
 from adabatch.workloads import train
+from benchmarks.stats import median_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "studies" / "mnist1d_quick.toml"
