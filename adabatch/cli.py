@@ -401,7 +401,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from adabatch.study import best_trials, describe_trial, load_study
+    from adabatch.study import best_trials, describe_trial, load_study, objective_names, verification
 
     study = load_study(args.name, _storage(args), notify=_notice)
     best = best_trials(study)
@@ -410,6 +410,12 @@ def _best(args: argparse.Namespace) -> int:
         return 0
     if len(study.directions) > 1:
         print(f"Pareto front of {study.study_name!r}: {len(best)} trial(s); export one with --trial N")
+    verified = verification(study)
+    if verified is not None:
+        for line in verified.lines(objective_names(study)[0]):
+            print(line)
+        print("best trial, by its mean on the fresh seeds:" if verified.complete else
+              "best so far, by the trials' own seeds (verification unfinished):")
     for t in best:
         print("  " + describe_trial(t, study))
     return 0
@@ -425,7 +431,9 @@ def _export(args: argparse.Namespace) -> int:
         raise _usage_error(f"-o {out}: the folder {out.parent} does not exist; create it first")
     study = load_study(args.name, _storage(args), notify=_notice)
     trial, path = export_config(study, out, args.trial)
-    print(f"wrote the config of trial {trial.number} to {path}; load it with ControllerConfig.load({str(path)!r})")
+    what = f"trial {trial.number}" if trial is not None else \
+        "the default config (no trial beat it on the fresh seeds; see 'adabatch study best')"
+    print(f"wrote the config of {what} to {path}; load it with ControllerConfig.load({str(path)!r})")
     return 0
 
 

@@ -72,6 +72,8 @@ import optuna
 from optuna.trial import TrialState
 
 from adabatch.config import ConfigError, ControllerConfig
+from adabatch.verify import Report, Verifier, VerifySettings, fresh_seeds
+from adabatch.verify import report as verify_report
 from adabatch.storage import (
     DB_RETRY_S,
     DEFAULT_STORAGE,
@@ -299,7 +301,8 @@ STUDY_KEYS = ("name", "workload", "objectives", "sampler", "pruner", "require_ta
               "seed", "seeds_per_trial", "sample_budget", "eval_every", "stop_at_target", "startup_trials",
               "population_size")
 RELIABILITY_KEYS = ("heartbeat_interval", "grace_period", "max_retry", "db_retry_seconds")
-TOP_KEYS = ("study", "pruner", "reliability", "fixed", "search")
+VERIFY_KEYS = ("top_k", "seeds", "baseline")
+TOP_KEYS = ("study", "pruner", "reliability", "verify", "fixed", "search")
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ class StudySpec:
     max_retry: int = 3
     db_retry_seconds: int = DB_RETRY_S
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    verify: VerifySettings = VerifySettings()
     # The [pruner] table as given; pruner_config() fills in the defaults.
     pruner_settings: Mapping[str, Any] = field(default_factory=dict)
 
@@ -362,11 +366,18 @@ class StudySpec:
         study = _table(data, "study")
         pruner_table = dict(_table(data, "pruner"))
         reliability = _table(data, "reliability")
+        verify = _table(data, "verify")
         fixed = dict(_table(data, "fixed"))
         search = _table(data, "search")
         _no_unknown(study, STUDY_KEYS, "[study]")
         _no_unknown(reliability, RELIABILITY_KEYS, "[reliability]")
+        _no_unknown(verify, VERIFY_KEYS, "[verify]")
         kw: dict[str, Any] = {}
+        if verify:
+            kw["verify"] = VerifySettings(
+                top_k=_int_in(verify, "top_k", 0, 1000, "[verify]") if "top_k" in verify else 5,
+                seeds=_int_in(verify, "seeds", 1, 100, "[verify]") if "seeds" in verify else VerifySettings.seeds,
+                baseline=_typed(verify, "baseline", bool, "true or false", "[verify]") if "baseline" in verify else True)
         for key in ("name", "workload"):
             if key not in study:
                 raise StudySpecError(f"[study] needs {key} = \"...\".")
@@ -445,8 +456,13 @@ class StudySpec:
         if self.grace_period <= self.heartbeat_interval:
             raise StudySpecError(f"[reliability] grace_period={self.grace_period} must exceed heartbeat_interval="
                                  f"{self.heartbeat_interval}, or live trials look dead; use at least twice the interval.")
+        if self.verify.top_k and len(self.objectives) > 1:
+            raise StudySpecError(f"[verify] re-runs the best trials of a study with one objective; this one has "
+                                 f"{len(self.objectives)} ({', '.join(self.objectives)}): remove [verify] or set "
+                                 "top_k = 0.")
         self.workload_obj()  # an unknown workload fails here, before any trial starts
         self.trial_seeds()
+        self.verify_seeds()
         budget = self.budget()
         if self.eval_every is not None and self.eval_every > budget:
             raise StudySpecError(f"[study] eval_every={self.eval_every} exceeds sample_budget={budget}; "
@@ -476,6 +492,14 @@ class StudySpec:
             raise StudySpecError(f"[study] seed={self.seed} with seeds_per_trial={self.seeds_per_trial} runs past "
                                  f"the largest seed {MAX_SEED}.")
         return list(range(self.seed, self.seed + self.seeds_per_trial))
+
+    def verify_seeds(self) -> list[int]:
+        """The fresh seeds ``[verify]`` re-runs the best trials on: the ones after the trials' own."""
+        seeds = fresh_seeds(self.seed, self.seeds_per_trial, self.verify)
+        if self.verify.top_k and seeds[-1] > MAX_SEED:
+            raise StudySpecError(f"[verify] seeds={self.verify.seeds} after seed={self.seed} and seeds_per_trial="
+                                 f"{self.seeds_per_trial} run past the largest seed {MAX_SEED}.")
+        return seeds if self.verify.top_k else []
 
     def eval_interval(self) -> int:
         """Samples between evaluations (and pruning checks)."""
@@ -531,6 +555,10 @@ class StudySpec:
         """The controller config a trial with ``params`` runs (fixed values plus sampled ones)."""
         return ControllerConfig.from_dict({**self.fixed, **params})
 
+    def default_config(self) -> ControllerConfig:
+        """The config the study is measured against: ``[fixed]`` alone, every tuned field at its default."""
+        return ControllerConfig.from_dict(dict(self.fixed))
+
     def reliability(self) -> dict[str, int]:
         return {"heartbeat_interval": self.heartbeat_interval, "grace_period": self.grace_period,
                 "max_retry": self.max_retry, "db_retry_seconds": self.db_retry_seconds}
@@ -571,6 +599,7 @@ class StudySpec:
         out = self.normalised()
         out["study"] = {"name": self.name, "n_trials": self.n_trials, **out["study"]}
         out["reliability"] = self.reliability()
+        out["verify"] = self.verify.to_dict()
         return out
 
 
@@ -672,10 +701,10 @@ def _no_unknown(data: Mapping[str, Any], known: Sequence[str], where: str) -> No
         raise StudySpecError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(known)}.")
 
 
-def _typed(data: Mapping[str, Any], key: str, kind: Any, accepted: str) -> Any:
+def _typed(data: Mapping[str, Any], key: str, kind: Any, accepted: str, where: str = "[study]") -> Any:
     value = data[key]
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise StudySpecError(f"{key}={value!r} has the wrong type: expected {accepted}.")
+        raise StudySpecError(f"{where} {key}={value!r} has the wrong type: expected {accepted}.")
     return value
 
 
@@ -848,8 +877,6 @@ class TrialRunner:
         seeds = spec.trial_seeds()
         results = []
         for i, seed in enumerate(seeds):
-            if seed not in self._data:
-                self._data[seed] = wl.make_data(seed)  # the same data for every trial of this worker
             results.append(self._run_seed(trial, config, seed, offset=i * budget, last=i == len(seeds) - 1,
                                           prune=prune, trace=i == 0))
         retry(lambda: _store_results(trial, results, wl, spec.require_target), f"storing trial {trial.number}")
@@ -861,8 +888,6 @@ class TrialRunner:
         """One run of the trial's config on ``seed``; its evaluations are reported at ``offset`` + samples,
         so every trial's k-th seed is compared at the same pruner steps. Only the first seed's
         steps are stored as the trial's trace."""
-        from adabatch.workloads import train
-
         spec, wl, retry = self.spec, self.workload, self.retry
         budget = spec.budget()
         writer = self.traces.writer(self.study_name, trial.number) if trace else None
@@ -886,17 +911,35 @@ class TrialRunner:
             if not final and retry(trial.should_prune, f"asking the pruner about trial {trial.number}"):
                 raise optuna.TrialPruned(f"{wl.metric}={value:.4g} at {due} samples of seed {seed}")
 
+        result = self._train(config, seed, on_step, on_eval)
+        if writer is not None:
+            writer.flush_all()
+        return result
+
+    def _train(self, config: ControllerConfig, seed: int, on_step: Callable[[Any], None],
+               on_eval: Callable[[dict[str, float]], None] | None = None) -> Any:
+        from adabatch.workloads import train
+
+        spec = self.spec
+        if seed not in self._data:
+            self._data[seed] = self.workload.make_data(seed)  # the same data for every trial of this worker
         meter = _energy_meter()
         try:
-            result = train(wl, config, seed=seed, sample_budget=budget, eval_every=spec.eval_interval(),
-                           stop_at_target=spec.stop_at_target, energy_meter=meter, callbacks=(on_step,),
-                           on_eval=on_eval, data=self._data[seed])
-            if writer is not None:
-                writer.flush_all()
+            return train(self.workload, config, seed=seed, sample_budget=spec.budget(),
+                         eval_every=spec.eval_interval(), stop_at_target=spec.stop_at_target, energy_meter=meter,
+                         callbacks=(on_step,), on_eval=on_eval, data=self._data[seed])
         finally:
             if meter is not None:
                 meter.close()
-        return result
+
+    def run_config(self, config: ControllerConfig, seed: int, beat: Callable[[], None]) -> tuple[float, Any]:
+        """One run of ``config`` on ``seed`` outside any trial (verification): (objective value, result)."""
+        def on_step(record: Any) -> None:
+            self.check()
+            beat()
+
+        result = self._train(config, seed, on_step)
+        return float(OBJECTIVES[self.spec.objectives[0]].read(result)), result
 
 
 def _energy_meter() -> Any:
@@ -998,6 +1041,8 @@ def _open(spec: StudySpec, storage: str, study_name: str | None,
         study = optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
         _check_same_spec(study, spec, normal, fingerprint, notify)
     run = {"n_trials": spec.n_trials, **spec.reliability()}
+    if spec.verify.top_k:
+        run["verify"] = spec.verify.to_dict()
     if study.user_attrs.get(RUN_ATTR) != run:
         study.set_user_attr(RUN_ATTR, run)
     maintain_study(study, rdb, notify)
@@ -1206,11 +1251,12 @@ class _Worker:
 
             total = n_trials if n_trials is not None else self.retry(self._left, "reading the study")
             bar = tqdm(total=total, desc=study.study_name, unit="trial", dynamic_ncols=True)
-        done = 0
+        done, timed_out = 0, False
         try:
             while n_trials is None or done < n_trials:
                 self.guard.check()
                 if timeout is not None and time.monotonic() - started >= timeout:
+                    timed_out = True
                     break
                 trial = self.retry(lambda: self._claim(finish=n_trials is None), "claiming a trial")
                 if trial is None:
@@ -1227,7 +1273,52 @@ class _Worker:
         finally:
             if bar is not None:
                 bar.close()
+        if self.spec.verify.top_k and not timed_out and self.retry(self._trials_done, "reading the study"):
+            self._verify(progress, log)
         return study
+
+    def _trials_done(self) -> bool:
+        """Whether the study has all its trials and none is running or queued (verification may start)."""
+        trials = self.study.get_trials(deepcopy=False)
+        return sum(map(is_original, trials)) >= self.spec.n_trials and not any(
+            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+
+    def _verify(self, progress: bool, log: Callable[[str], None] | None) -> None:
+        """Re-run the best trials and the default config on fresh seeds (see :mod:`adabatch.verify`)."""
+        spec, study = self.spec, self.study
+        seeds = spec.verify_seeds()
+
+        def state() -> Report | None:
+            return verify_report(study, spec.verify, seeds, lambda t: trial_config(study, t), spec.default_config())
+
+        before = self.retry(state, "reading the study")
+        if before is None or before.missing == 0:
+            return
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=before.missing, desc=f"{study.study_name} verify", unit="run", dynamic_ncols=True)
+
+        def line(text: str) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.write(text)
+            elif log is not None:
+                log(text)
+
+        verifier = Verifier(study, spec.verify, seeds, config_of=lambda t: trial_config(study, t),
+                            default_config=spec.default_config(), run_config=self.runner.run_config,
+                            lock=lambda: study_lock(self.rdb.engine, study.study_name), retry=self.retry,
+                            heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period, log=line)
+        try:
+            verifier.run()
+        finally:
+            if bar is not None:
+                bar.close()
+        after = self.retry(state, "reading the study")
+        if after is not None and after.missing:
+            self.notify(f"{after.missing} verification run(s) are still running in other workers")
 
     def _left(self) -> int:
         trials = self.study.get_trials(deepcopy=False)
@@ -1425,11 +1516,41 @@ def _entries(table: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {_toml(v)}" for k, v in table.items())
 
 
+def verification(study: Any) -> Report | None:
+    """The ``[verify]`` stage of the study's latest run as stored (None when it had none).
+
+    Example:
+        >>> import tempfile, os
+        >>> url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "v.db")
+        >>> spec = StudySpec.from_dict({"study": {"name": "v", "workload": "linreg", "n_trials": 2,
+        ...     "sample_budget": 1000, "eval_every": 500}, "verify": {"top_k": 1, "seeds": 2},
+        ...     "search": {"window_fraction": {"low": 0.05, "high": 0.5}}})
+        >>> v = verification(run_study(spec, url, progress=False))
+        >>> v.seeds, v.complete, len(v.baseline.values)
+        ([1, 2], True, 2)
+    """
+    settings = (study.user_attrs.get(RUN_ATTR) or {}).get("verify")
+    stored = (study.user_attrs.get(SPEC_ATTR) or {}).get("study")
+    if not isinstance(settings, Mapping) or not isinstance(stored, Mapping):
+        return None
+    settings = VerifySettings(**{k: settings[k] for k in VERIFY_KEYS if k in settings})
+    seeds = fresh_seeds(int(stored.get("seed", 0)), int(stored.get("seeds_per_trial", 1)), settings)
+    default = ControllerConfig.from_dict(dict((study.user_attrs.get(SPEC_ATTR) or {}).get("fixed", {})))
+    return verify_report(study, settings, seeds, lambda t: trial_config(study, t), default)
+
+
 def best_trials(study: Any) -> list[Any]:
-    """The best feasible trial (one objective) or the feasible Pareto front (several), by number."""
+    """The best feasible trial (one objective) or the feasible Pareto front (several), by number.
+
+    With a finished ``[verify]`` stage, the best trial is the one with the best mean on the fresh
+    seeds, not on its own.
+    """
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         return []
+    verified = verification(study)
+    if verified is not None and verified.best is not None:
+        return [verified.best.candidate.trial]
     if len(study.directions) == 1:
         try:
             return [study.best_trial]
@@ -1465,7 +1586,15 @@ def trial_config(study: Any, trial: Any) -> ControllerConfig:
 
 
 def export_config(study: Any, path: str | Path, trial_number: int | None = None) -> tuple[Any, Path]:
-    """Write the chosen trial's config with :meth:`ControllerConfig.save`; returns (trial, path)."""
+    """Write the chosen config with :meth:`ControllerConfig.save`; returns (trial, path).
+
+    Without ``trial_number``, a finished ``[verify]`` stage in which the default config scored at
+    least as well as every trial writes the default config, and the trial returned is None.
+    """
+    if trial_number is None:
+        verified = verification(study)
+        if verified is not None and verified.default_wins:
+            return None, verified.baseline.candidate.config.save(path)
     trial = pick_trial(study, trial_number)
     return trial, trial_config(study, trial).save(path)
 
