@@ -71,6 +71,8 @@ def test_shipped_study_files_are_valid():
     assert quick.directions() == ["maximize"] and quick.pruner != "none"
     # The quick study's pruner waits for half the budget and keeps most trials (see its comments).
     assert quick.pruner_config()["warmup_samples"] >= quick.budget() // 2
+    # Its pick is checked on fresh seeds against the default before it is exported.
+    assert quick.verify.top_k >= 2 and quick.verify.baseline and set(quick.verify_seeds()).isdisjoint(quick.trial_seeds())
     multi = specs["mnist1d_multiobjective.toml"]
     assert len(multi.directions()) == 3 and "energy" in multi.objectives and multi.require_target
     assert multi.pruner == "none"

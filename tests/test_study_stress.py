@@ -125,3 +125,23 @@ def test_four_workers_one_killed_one_interrupted_lose_and_double_nothing(tmp_pat
     assert result["retries"] >= 2 and result["interrupted"] == 1
     trials = optuna.load_study(study_name="four", storage=pg_database).trials
     assert trials[killed].state == trials[interrupted].state == optuna.trial.TrialState.FAIL
+
+
+@pytest.mark.postgres
+def test_workers_share_the_verification_runs_and_do_none_twice(tmp_path, pg_database):
+    from adabatch.study import load_study, verification
+    from adabatch.verify import CLAIM_PREFIX
+
+    path = tmp_path / "verified.toml"
+    path.write_text(study_text("verified", n_trials=4, budget=480, eval_every=160, pruner="none")
+                    + "\n[verify]\ntop_k = 2\nseeds = 3\n")
+    procs = [worker(path, pg_database) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    clean(audit(pg_database, "verified", 4))
+    lines = [line for out, _ in outs for line in out.splitlines() if line.startswith("verify ")]
+    # 2 trials and the default on 3 seeds: each run once, whichever worker took it.
+    assert len(lines) == 9 and len(set(lines)) == 9
+    study = load_study("verified", pg_database)
+    assert verification(study).complete
+    assert not [k for k, v in study.user_attrs.items() if k.startswith(CLAIM_PREFIX) and v]
