@@ -52,7 +52,7 @@ from adabatch.config import ConfigError, ControllerConfig
 from adabatch.decide import Change, Decider, snap_down
 from adabatch.gradnorm import adam_denominators
 from adabatch.lr import LRScaler, ScheduleFollower, lr_factor, resolve_rule
-from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, example_denominators, linear_layers,
+from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, example_denominators, example_layers,
                               mean_gradient_norms)
 from adabatch.memory import MicroBatchMemory
 from adabatch.noise import MIN_MEASUREMENTS, NoiseEstimate, NoiseScaleEstimator
@@ -201,10 +201,11 @@ class AdaptiveBatchController:
         self._amp_found: Tensor | None = None
         self._factor_batch = -1  # step batch the cached LR factor was computed for (-1: stale)
         self._factor = 1.0
-        self._layers = linear_layers(model, self._params) if config.measurement != "pieces" else None
+        self._layers = example_layers(model, self._params) if config.measurement != "pieces" else None
         if config.measurement == "examples" and self._layers is None:
             raise ConfigError("ControllerConfig.measurement='examples' needs every trainable parameter in a "
-                              "torch.nn.Linear layer; this model has others: use 'auto' or 'pieces'.")
+                              "torch.nn.Linear, Conv1d or Conv2d layer (one group, zero padding); this model has "
+                              "others: use 'auto' or 'pieces'.")
         self.measurement = "examples" if self._layers is not None else "pieces"
         self.planner = StepPlanner(self.granularity, micro_batch_size, self._ddp, lambda: self.batch_size,
                                    self._micro_cap, lambda step: self.measurement == "pieces" and self._measure_at(step))

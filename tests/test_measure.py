@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from adabatch.measure import ExampleNorms, PieceNorms, Unsupported, example_denominators, linear_layers
+from adabatch.measure import ExampleNorms, PieceNorms, Unsupported, example_denominators, example_layers
 
 
 def _per_example_sq(model: nn.Module, loss_one, x, y, den: dict | None = None) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_hooked_per_example_norms_equal_the_per_example_gradients():
     model = _mlp()
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     exact = _per_example_sq(model, nn.functional.cross_entropy, x, y)
-    norms = ExampleNorms(linear_layers(model, list(model.parameters())))
+    norms = ExampleNorms(example_layers(model, list(model.parameters())))
     nn.functional.cross_entropy(model(x), y).backward()  # mean loss: delta_j is 1/10 of example j's
     norms.after_backward()
     mean_v, total = norms.finish(list(model.parameters())).tolist()
@@ -46,7 +46,7 @@ def test_sequence_inputs_use_gram_matrices_and_stay_exact():
     x, y = torch.randn(6, 9, 5), torch.randn(6, 9, 4)  # 9 positions per example
     loss_one = lambda out, yy: 0.5 * (out - yy).square().sum((1, 2)).mean()  # noqa: E731
     exact = _per_example_sq(model, loss_one, x, y)
-    norms = ExampleNorms(linear_layers(model, list(model.parameters())))
+    norms = ExampleNorms(example_layers(model, list(model.parameters())))
     loss_one(model(x), y).backward()
     norms.after_backward()
     mean_v = norms.finish(list(model.parameters()))[0].item()
@@ -60,12 +60,74 @@ def test_adam_preconditioned_per_example_norms_equal_the_preconditioned_gradient
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     exact = _per_example_sq(model, nn.functional.cross_entropy, x, y,
                             {k: d for (k, _), d in zip(model.named_parameters(), den_t)})
-    layers = linear_layers(model, params)
+    layers = example_layers(model, params)
     norms = ExampleNorms(layers, example_denominators(layers, params, den_t))
     nn.functional.cross_entropy(model(x), y).backward()
     norms.after_backward()
     mean_v = norms.finish(params, den_t)[0].item()
     assert mean_v * 8 ** 2 == pytest.approx(float(exact.mean()), rel=1e-5)
+
+
+def _cnn(conv: type, **kw) -> nn.Module:
+    torch.manual_seed(2)
+    if conv is nn.Conv1d:
+        return nn.Sequential(conv(2, 5, 3, **kw), nn.ReLU(), conv(5, 4, 3, stride=2, padding=1, bias=False),
+                             nn.Flatten(), nn.LazyLinear(3))
+    return nn.Sequential(conv(2, 5, 3, **kw), nn.ReLU(), conv(5, 4, (3, 2), stride=2, dilation=(1, 2)),
+                         nn.Flatten(), nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize("conv, shape, kw", [
+    (nn.Conv1d, (2, 17), {"padding": 1}),
+    (nn.Conv1d, (2, 17), {"padding": "same", "dilation": 2}),
+    (nn.Conv2d, (2, 9, 11), {"padding": 1}),
+])
+@pytest.mark.parametrize("adam", [False, True])
+def test_convolutions_give_the_per_example_gradient_norms_too(conv, shape, kw, adam):
+    model = _cnn(conv, **kw)
+    x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
+    model(x)  # materialize the lazy layer
+    params = list(model.parameters())
+    layers = example_layers(model, params)
+    assert layers is not None and len(layers) == 3
+    den_t = [torch.rand_like(p) + 0.1 for p in params] if adam else None
+    exact = _per_example_sq(model, nn.functional.cross_entropy, x, y,
+                            {k: d for (k, _), d in zip(model.named_parameters(), den_t)} if adam else None)
+    norms = ExampleNorms(layers, example_denominators(layers, params, den_t) if adam else None)
+    nn.functional.cross_entropy(model(x), y).backward()
+    norms.after_backward()
+    mean_v = norms.finish(params, den_t)[0].item()
+    assert mean_v * 7 ** 2 == pytest.approx(float(exact.mean()), rel=1e-4)
+
+
+def test_blocks_of_examples_add_up_to_the_whole(monkeypatch):
+    import adabatch.measure as measure
+
+    model = _cnn(nn.Conv1d, padding=1)
+    x, y = torch.randn(9, 2, 17), torch.randint(0, 3, (9,))
+    model(x)
+    layers = example_layers(model, list(model.parameters()))
+    values = []
+    for block in (1 << 22, 40):  # everything at once, then a couple of examples at a time
+        monkeypatch.setattr(measure, "MAX_BLOCK", block)
+        model.zero_grad()
+        norms = ExampleNorms(layers)
+        nn.functional.cross_entropy(model(x), y).backward()
+        norms.after_backward()
+        values.append(norms.finish(list(model.parameters()))[0].item())
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+
+
+def test_convolutions_per_example_norms_cannot_follow_are_left_to_pieces():
+    for conv in (nn.Conv1d(4, 4, 3, groups=2), nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"),
+                 nn.Conv1d(2, 2, 4, padding="same")):
+        assert example_layers(conv, list(conv.parameters())) is None
+    conv = nn.Conv1d(2, 3, 3)
+    norms = ExampleNorms(example_layers(conv, list(conv.parameters())))
+    conv(torch.randn(2, 8)).sum().backward()  # an unbatched input: no examples to take norms of
+    norms.after_backward()
+    with pytest.raises(Unsupported, match="unbatched"):
+        norms.finish(list(conv.parameters()))
 
 
 def test_a_layer_called_twice_is_reported_instead_of_measured_wrongly():
@@ -78,11 +140,11 @@ def test_a_layer_called_twice_is_reported_instead_of_measured_wrongly():
     assert not lin._forward_hooks, "hooks must be removed even when the measurement fails"
 
 
-def test_models_with_parameters_outside_linear_layers_are_not_covered():
+def test_models_with_parameters_outside_supported_layers_are_not_covered():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    assert linear_layers(model, list(model.parameters())) is None
-    conv = nn.Conv1d(1, 2, 3)
-    assert linear_layers(conv, list(conv.parameters())) is None
+    assert example_layers(model, list(model.parameters())) is None
+    emb = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 2))
+    assert example_layers(emb, list(emb.parameters())) is None
 
 
 def test_pieces_taken_alone_sum_back_to_the_step_gradient():
