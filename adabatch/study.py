@@ -19,6 +19,11 @@ A study is defined by a TOML file (see ``studies/``) with these tables:
   end of the budget never prunes, so a trial that ran its whole budget keeps its value.
 - ``[reliability]``: ``heartbeat_interval`` and ``grace_period`` in seconds, ``max_retry``,
   ``db_retry_seconds`` (how long a worker waits for a database that went away).
+- ``[verify]`` (one objective): ``top_k`` (default 5 when the table is there; 0 turns it off),
+  ``seeds`` (default 5), ``baseline`` (default true). Once the study has all its trials, the
+  ``top_k`` best are trained again on ``seeds`` fresh seeds, and so is the default config; ``best``
+  and ``export`` choose by those runs (:mod:`adabatch.verify`). Not fingerprinted: it changes no
+  trial.
 - ``[fixed]``: :class:`~adabatch.ControllerConfig` fields held constant.
 - ``[search]``: one entry per tuned field, e.g. ``grow_threshold = {low = 1.1, high = 3.0}``,
   ``cooldown_samples = {low = 0, high = 4096, step = 256}``, ``target_factor = {low = 0.1,

@@ -89,15 +89,18 @@ BASE = {
               "pruner": "median", "seed": 0},
     "pruner": {"startup_trials": 1},
     "reliability": {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 1, "db_retry_seconds": 5},
+    "verify": {"top_k": 1, "seeds": 1},
     "fixed": {"max_batch": 64},
     "search": {"grow_threshold": {"low": 1.2, "high": 3.0}, "lr_rule": {"choices": ["linear", "sqrt"]}},
 }
 KEYS = {
     "study": ["name", "workload", "objectives", "sampler", "pruner", "require_target", "target", "n_trials", "seed",
-              "sample_budget", "eval_every", "stop_at_target", "startup_trials", "population_size", "colour"],
+              "seeds_per_trial", "sample_budget", "eval_every", "stop_at_target", "startup_trials", "population_size",
+              "colour"],
     "pruner": ["startup_trials", "warmup_samples", "interval_samples", "percentile", "min_samples",
                "reduction_factor", "kind"],
     "reliability": ["heartbeat_interval", "grace_period", "max_retry", "db_retry_seconds", "retries"],
+    "verify": ["top_k", "seeds", "baseline", "rounds"],
     "fixed": FIELDS + ["extra", "max_bach"],
     "search": FIELDS + ["extra", "grow_thresold"],
 }
