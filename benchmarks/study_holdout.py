@@ -1,15 +1,17 @@
 """Does the quick study tune? What it exports against the default config, on seeds it never saw.
 
-    python -m benchmarks.study_holdout                # ~3 min on 2 cores
+    python -m benchmarks.study_holdout                # the quick study, ~3 min on 2 cores
+    python -m benchmarks.study_holdout --study studies/mnist1d_adamw.toml    # ~10 min
 
-Runs ``studies/mnist1d_quick.toml`` from scratch into a temporary SQLite file with the CLI (as a
+Runs a study file (``studies/mnist1d_quick.toml`` unless ``--study`` names another) from scratch into a temporary SQLite file with the CLI (as a
 user would), including its ``[verify]`` stage, and exports the chosen config. Then trains the
 study's workload for the study's sample budget on held-out seeds with three configs: the default
 (``[fixed]`` alone), the exported one (chosen by the verification runs), and the trial that ranks
 first on its own seeds (what the study would export without verification). Configs that coincide
 are trained once. Reports the final accuracy of each (the study's objective), each one's per-seed
 difference to the default with a bootstrap interval and a one-sided Wilcoxon test, and the
-seconds of each run. Results: ``benchmarks/results/study_holdout.json``.
+seconds of each run. Results: ``benchmarks/results/study_holdout.json`` for the quick study,
+``study_holdout_<file name>.json`` for another.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from scipy import stats
 
 from adabatch.config import ControllerConfig
-from adabatch.study import load_study, trial_config
+from adabatch.study import StudySpec, load_study, trial_config
 from adabatch.workloads import train
 from benchmarks.stats import median_ci
 
@@ -43,28 +45,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT = list(range(101, 111))
 
 
-def _cli(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "adabatch.cli", *args], capture_output=True, text=True, cwd=ROOT)
+def _cli(*args: str, show: bool = False) -> str:
+    """Run the CLI; ``show`` lets its output (the study's progress) through to the terminal."""
+    proc = subprocess.run([sys.executable, "-m", "adabatch.cli", *args], capture_output=not show, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise SystemExit(f"adabatch {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-    return proc.stdout
+        raise SystemExit(f"adabatch {' '.join(args)} failed ({proc.returncode}): {(proc.stderr or '').strip()[-500:]}")
+    return proc.stdout or ""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=HELD_OUT, help="held-out seeds (the study uses its own)")
-    p.add_argument("--out", type=Path, default=RESULTS / "study_holdout.json")
+    p.add_argument("--study", type=Path, default=STUDY, help="study file (default: the quick study)")
+    p.add_argument("--out", type=Path, help="results file (default: benchmarks/results/study_holdout[_NAME].json)")
     args = p.parse_args(argv)
+    out = args.out or RESULTS / ("study_holdout.json" if args.study.resolve() == STUDY
+                                 else f"study_holdout_{args.study.stem}.json")
     torch.set_num_threads(1)
-    spec = tomllib.loads(STUDY.read_text())
+    parsed = StudySpec.from_toml(args.study)
+    spec = tomllib.loads(args.study.read_text())
     study, fixed = spec["study"], spec.get("fixed", {})
-    own = set(range(study["seed"], study["seed"] + study.get("seeds_per_trial", 1)))
+    study.setdefault("sample_budget", parsed.budget())
+    study.setdefault("eval_every", parsed.eval_interval())
+    own = set(parsed.trial_seeds()) | set(parsed.verify_seeds())
     if set(args.seeds) & own:
         raise SystemExit(f"--seeds must leave out the study's own seeds {sorted(own)}")
     with tempfile.TemporaryDirectory() as tmp:
         storage = f"sqlite:///{tmp}/study.db"
-        print(f"running {STUDY.name} ({study['n_trials']} trials) ...", flush=True)
-        _cli("study", "run", str(STUDY), "--storage", storage)
+        print(f"running {args.study.name} ({study['n_trials']} trials) ...", flush=True)
+        _cli("study", "run", str(args.study), "--storage", storage, "--no-progress", show=True)
         shown = _cli("study", "show", study["name"], "--storage", storage)
         best_path = Path(tmp) / "best.json"
         exported_line = _cli("study", "export", study["name"], "-o", str(best_path), "--storage", storage)
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"seed {seed}: " + ", ".join(f"{n} {row[n]['final_metric']:.4f}" for n in configs), flush=True)
     summary: dict = {
-        "study": STUDY.name, "trials": counts, "held_out_seeds": args.seeds,
+        "study": args.study.name, "trials": counts, "held_out_seeds": args.seeds,
         "export": exported_line.strip(), "verification": verified.strip().splitlines(),
         "exported_is_default": exported == default, "top_by_own_seeds_trial": top_own_number,
         "median_default": statistics.median(r["default"]["final_metric"] for r in rows),
@@ -117,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
               f"[{lo:+.4f}, {hi:+.4f}], Wilcoxon p = {p_value:.3f}")
     summary["median_seconds_default"] = statistics.median(r["default"]["seconds"] for r in rows)
     summary["runs"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1, default=str))
-    print(f"-> {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    print(f"-> {out}")
     return 0
 
 
