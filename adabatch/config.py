@@ -110,9 +110,11 @@ class ControllerConfig:
     # Or measure every this many optimizer steps, whatever the window (None: the spacing above).
     measure_every: int | None = None
     # How a step is measured: per-example norms from hooks on Linear and convolution layers
-    # ("examples", cheaper and more precise; needs every trainable parameter in a torch.nn.Linear,
-    # Conv1d or Conv2d), or the step's pieces taken alone ("pieces", any model). "auto" picks
-    # examples when the model allows it.
+    # ("examples", more precise; needs every trainable parameter in a torch.nn.Linear, Conv1d or
+    # Conv2d), or the step's pieces taken alone ("pieces", any model). "auto" picks examples when
+    # every such layer is a Linear (two row norms per layer: cheaper than pieces); a convolution's
+    # norms cost about a forward pass of the layer, so convolutional models measure with pieces
+    # unless they ask for examples.
     measurement: str = "auto"
     # Opt-in: stretch the interval (up to max_measure_every) while the controller's own timing says
     # measuring takes more than this share of training time. Depends on wall-clock timing, so runs

@@ -1278,8 +1278,13 @@ class _Worker:
         finally:
             if bar is not None:
                 bar.close()
-        if self.spec.verify.top_k and not timed_out and self.retry(self._trials_done, "reading the study"):
-            self._verify(progress, log)
+        if self.spec.verify.top_k and not timed_out:
+            if self.retry(self._trials_done, "reading the study"):
+                self._verify(progress, log)
+            elif self.retry(lambda: sum(map(is_original, study.get_trials(deepcopy=False))) >= self.spec.n_trials,
+                            "reading the study"):
+                self.notify("[verify] starts once no trial is running or queued: the last worker to finish runs it "
+                            "(or run the study file again)")
         return study
 
     def _trials_done(self) -> bool:

@@ -150,6 +150,8 @@ SUITE = [
     ("mnist1d-mlp (SGD)", "mnist1d-mlp", None, 96_000, {}),
     ("mnist1d-mlp (AdamW)", "mnist1d-mlp", "adamw", 96_000, {}),
     ("mnist1d-cnn (SGD)", "mnist1d-cnn", None, 64_000, {}),
+    # the same CNN with per-example norms through its convolutions' input patches (opt-in)
+    ("mnist1d-cnn (SGD), per-example norms", "mnist1d-cnn", None, 64_000, {"measurement": "examples"}),
     ("linreg (SGD)", "linreg", None, 40_000, {}),
     ("mnist1d-mlp (SGD), batch fixed at 32", "mnist1d-mlp", None, 96_000, {"min_batch": 32, "max_batch": 32}),
 ]

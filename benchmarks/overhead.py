@@ -2,6 +2,8 @@
 
     python -m benchmarks.overhead                      # both models, ~15 min on 2 cores
     python -m benchmarks.overhead --model mnist1d-mlp --rounds 10
+    python -m benchmarks.overhead --model mnist1d-cnn conv2d-32px --rounds 8 \
+        --config '{"measurement": "examples"}' --out benchmarks/results/overhead_examples.json
 
 One process, one thread. Each round, the controller trains a model from the same initial weights on
 the same sample stream at its default settings, with the loader following its plan
@@ -15,7 +17,8 @@ the read-back, the decisions, the per-step loss check and the bookkeeping.
 
 Models: the MNIST-1D MLP (40-256-256-10, a step of about a millisecond: the worst case for a fixed
 cost per step), the MNIST-1D CNN (three Conv1d layers and a Linear head, per-example norms through
-input patches) and a 5.3M-parameter MLP (512-2048-2048-10, micro-batches of 64, a step of tens of
+input patches), a Conv2d net on 3 x 32 x 32 images (32-64-64 channels, steps of about 100 ms) and
+a 5.3M-parameter MLP (512-2048-2048-10, micro-batches of 64, a step of tens of
 milliseconds). Measuring some models only updates their entries in the results file (each entry
 names the code version it was measured at). The figure is the median over rounds of time(controller) / time(plain) - 1, with a
 95 % bootstrap interval; next to it the same ratio for each side's fastest quarter of rounds,
@@ -54,6 +57,12 @@ def big_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
 
 
+def conv2d_net() -> nn.Module:
+    """Three 3x3 Conv2d layers (32, 64, 64 channels, two of stride 2) and a Linear head, for 3 x 32 x 32 images."""
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
 def _stream(x: torch.Tensor, y: torch.Tensor, n: int, seed: int):
     """``n`` sample indices drawn once, so every loop sees the same samples in the same order."""
     return torch.randint(0, len(x), (n,), generator=torch.Generator().manual_seed(seed))
@@ -63,6 +72,7 @@ MODELS: dict[str, dict[str, Any]] = {
     # name: model, data, micro-batch, optimizer LR, samples per round
     "mnist1d-mlp": {"make": mlp, "micro": 32, "lr": 0.05, "samples": 40_000},
     "mnist1d-cnn": {"make": cnn, "micro": 32, "lr": 0.05, "samples": 40_000},
+    "conv2d-32px": {"make": conv2d_net, "micro": 32, "lr": 0.01, "samples": 6_000},
     "mlp-5.3M": {"make": big_mlp, "micro": 64, "lr": 0.01, "samples": 12_000},
 }
 
@@ -72,6 +82,9 @@ def _data(name: str):
         d = mnist1d_data(0)
         return d.x_train, d.y_train
     g = torch.Generator().manual_seed(0)
+    if name == "conv2d-32px":  # random images, labels from a fixed random projection of them
+        x = torch.randn(2048, 3, 32, 32, generator=g)
+        return x, (x.flatten(1) @ torch.randn(3 * 32 * 32, 10, generator=g)).argmax(1)
     x = torch.randn(4096, 512, generator=g)
     return x, (x[:, :10] + 0.5 * torch.randn(4096, 10, generator=g)).argmax(1)
 

@@ -455,7 +455,8 @@ def _versions(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def readme_block(results: dict[str, Any], summary: dict[str, Any], report_path: str,
-                 overhead: dict[str, Any] | None = None, estimator: dict[str, Any] | None = None) -> str:
+                 overhead: dict[str, Any] | None = None, estimator: dict[str, Any] | None = None,
+                 overhead_examples: dict[str, Any] | None = None) -> str:
     """The README's benchmark figures, all from the results: goals, every method's time against the
     hindsight-best fixed batch, energy where an energy-aware run exists, and the overhead and
     estimator benchmarks."""
@@ -488,16 +489,19 @@ def readme_block(results: dict[str, Any], summary: dict[str, Any], report_path: 
         lines += ["", *energy]
     if overhead:
         lines += ["", *_overhead_lines(overhead)]
+    if overhead_examples:
+        lines += ["", *_overhead_lines(overhead_examples, 'with `measurement="examples"` (per-example norms '
+                                                          "through the convolutions, opt-in)")]
     if estimator:
         lines += ["", *_estimator_lines(estimator)]
     lines.append(README_END)
     return "\n".join(lines)
 
 
-def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
-    """One line per model of ``benchmarks/results/overhead.json``."""
+def _overhead_lines(overhead: dict[str, Any], settings: str = "at the default settings") -> list[str]:
+    """One line per model of ``benchmarks/results/overhead.json`` (or another run's file)."""
     pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
-    out = ["Controller overhead at the default settings against a plain loop replaying the same schedule "
+    out = [f"Controller overhead {settings} against a plain loop replaying the same schedule "
            f"(`python -m benchmarks.overhead`, {overhead['threads']} thread, {overhead['rounds']} interleaved "
            "rounds; median [95 % CI], and the fastest quarter of rounds):", ""]
     for name, m in overhead["models"].items():
@@ -557,8 +561,9 @@ def write_report(results_path: Path, out_dir: Path, readme: Path | None = None,
             rel = path.resolve().relative_to(readme.resolve().parent)
         except ValueError:
             rel = path
+        examples = None if overhead is None else Path(overhead).with_name("overhead_examples.json")
         extras = [json.loads(Path(p).read_text()) if p is not None and Path(p).exists() else None
-                  for p in (overhead, estimator)]
+                  for p in (overhead, estimator, examples)]
         update_readme(readme, readme_block(results, summary, str(rel), *extras))
     return path
 

@@ -285,6 +285,30 @@ def test_controller_does_not_oscillate_on_a_noisy_constant_signal():
 # ----------------------------------------------------------------------------- measuring never changes training
 
 
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x[:, None, :])).flatten(1))
+
+
+@pytest.mark.parametrize("measurement, expected", [("auto", "pieces"), ("examples", "examples")])
+def test_convolutional_models_measure_with_pieces_unless_they_ask_for_per_example_norms(measurement, expected):
+    model = _ConvNet()
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.1), 16,
+                                  _fixed(64, measure_every=1, measurement=measurement))
+    x, y = _data(2048)
+    _train(model, ctl, x, y, 20)
+    assert ctl.measurement == expected
+    assert ctl.estimator.measurements == 20 and ctl.estimator.rejected == 0
+    est = ctl.estimator.estimate()
+    assert 0 < est.low <= est.value and math.isfinite(est.value)
+
+
 def _sampled_run(cfg: ControllerConfig, steps: int = 40):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
