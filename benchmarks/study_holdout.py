@@ -1,7 +1,7 @@
 """Does the quick study tune? What it exports against the default config, on seeds it never saw.
 
-    python -m benchmarks.study_holdout                # the quick study, ~3 min on 2 cores
-    python -m benchmarks.study_holdout --study studies/mnist1d_adamw.toml    # ~10 min
+    python -m benchmarks.study_holdout                # the quick study, ~4 min on 2 cores
+    python -m benchmarks.study_holdout --study studies/mnist1d_sgd.toml      # ~3 min
 
 Runs a study file (``studies/mnist1d_quick.toml`` unless ``--study`` names another) from scratch into a temporary SQLite file with the CLI (as a
 user would), including its ``[verify]`` stage, and exports the chosen config. Then trains the

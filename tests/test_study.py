@@ -65,7 +65,7 @@ def url_in(tmp_path: Path) -> str:
 def test_shipped_study_files_are_valid():
     files = sorted((ROOT / "studies").glob("*.toml")) + sorted((ROOT / "benchmarks" / "tuning").glob("*.toml"))
     specs = {p.name: StudySpec.from_toml(p) for p in files}
-    assert {"mnist1d_quick.toml", "mnist1d_multiobjective.toml"} <= set(specs)
+    assert {"mnist1d_quick.toml", "mnist1d_sgd.toml", "mnist1d_multiobjective.toml"} <= set(specs)
     assert any(s.workload == "charlm" for s in specs.values())
     quick = specs["mnist1d_quick.toml"]
     assert quick.directions() == ["maximize"] and quick.pruner != "none"
