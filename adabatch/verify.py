@@ -150,8 +150,10 @@ def fresh_seeds(seed: int, seeds_per_trial: int, settings: VerifySettings) -> li
 
 def candidates(study: Any, settings: VerifySettings, config_of: Callable[[Any], Any],
                default_config: Any) -> list[Candidate]:
-    """The ``top_k`` best completed trials (one per distinct config), then the default if asked for."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    """The ``top_k`` best completed feasible trials (one per distinct config), then the default if
+    asked for; nothing at all while no trial is feasible."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and not any(c > 0 for c in t.user_attrs.get("constraint") or [])]
     sign = -1.0 if study.direction.name == "MAXIMIZE" else 1.0
     done.sort(key=lambda t: (sign * t.values[0], t.number))
     out, seen = [], set()
@@ -164,7 +166,7 @@ def candidates(study: Any, settings: VerifySettings, config_of: Callable[[Any], 
         out.append(Candidate(f"trial{t.number}", config, t))
         if len(out) == settings.top_k:
             break
-    if settings.baseline:
+    if settings.baseline and out:
         out.append(Candidate(DEFAULT_LABEL, default_config))
     return out
 

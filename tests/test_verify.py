@@ -160,6 +160,17 @@ def test_a_fresh_claim_is_left_to_its_worker_and_a_stale_one_is_taken(tmp_path):
     assert v.run() == 1 and ran == [spec.default_config()]
 
 
+def test_infeasible_trials_are_never_candidates(tmp_path):
+    # A target no run reaches: every trial is infeasible, so there is nothing to verify.
+    spec = spec_from(STUDY.replace("eval_every = 400", "eval_every = 400\nrequire_target = true\ntarget = 1e-9"))
+    lines: list[str] = []
+    study = run_study(spec, url_in(tmp_path), progress=False, log=lines.append)
+    assert all(t.user_attrs["constraint"][0] > 0 for t in study.trials)
+    report = verification(study)
+    assert report.results == [] and report.baseline is None and not report.complete
+    assert not [line for line in lines if line.startswith("verify ")] and best_trials(study) == []
+
+
 @pytest.mark.parametrize("change, message", [
     (("top_k = 2", "top_k = -1"), "[verify] top_k"),
     (("seeds = 3", "seeds = 0"), "[verify] seeds"),
