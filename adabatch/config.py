@@ -111,10 +111,10 @@ class ControllerConfig:
     measure_every: int | None = None
     # How a step is measured: per-example norms from hooks on Linear and convolution layers
     # ("examples", more precise; needs every trainable parameter in a torch.nn.Linear, Conv1d or
-    # Conv2d), or the step's pieces taken alone ("pieces", any model). "auto" picks examples when
-    # every such layer is a Linear (two row norms per layer: cheaper than pieces); a convolution's
-    # norms cost about a forward pass of the layer, so convolutional models measure with pieces
-    # unless they ask for examples.
+    # Conv2d), or the step's pieces taken alone ("pieces", any model). "auto" uses examples where
+    # they are cheap (Linear layers: row norms, or Gram matrices of sequences without Adam) and
+    # pieces elsewhere; "examples" also forms per-example gradients (convolutions, Adam on
+    # sequences), which cost about a forward pass of the layer per measured step.
     measurement: str = "auto"
     # Opt-in: stretch the interval (up to max_measure_every) while the controller's own timing says
     # measuring takes more than this share of training time. Depends on wall-clock timing, so runs

@@ -45,7 +45,7 @@ import warnings
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from adabatch.clock import TrainingClock
 from adabatch.config import ConfigError, ControllerConfig
@@ -201,12 +201,11 @@ class AdaptiveBatchController:
         self._amp_found: Tensor | None = None
         self._factor_batch = -1  # step batch the cached LR factor was computed for (-1: stale)
         self._factor = 1.0
-        self._layers = example_layers(model, self._params) if config.measurement != "pieces" else None
-        if config.measurement == "auto" and self._layers is not None and not all(
-                isinstance(m, nn.Linear) for m in self._layers):
-            # a convolution's per-example norms cost about a forward pass of the layer per measured
-            # step (+41 % on a Conv2d net here, against about nothing for pieces): opt in with "examples"
-            self._layers = None
+        # Per-example gradients (convolutions, Adam on sequences) cost about a forward pass of the
+        # layer per measured step, against about nothing for pieces: formed only when asked for.
+        self._per_example = config.measurement == "examples"
+        self._layers = (example_layers(model, self._params, convolutions=self._per_example)
+                        if config.measurement != "pieces" else None)
         if config.measurement == "examples" and self._layers is None:
             raise ConfigError("ControllerConfig.measurement='examples' needs every trainable parameter in a "
                               "torch.nn.Linear, Conv1d or Conv2d layer (one group, zero padding); this model has "
@@ -660,7 +659,8 @@ class AdaptiveBatchController:
             if ready and self.measurement == "examples":
                 self._denominators = den
                 self._norms = ExampleNorms(self._layers, None if den is None else
-                                           example_denominators(self._layers, self._params, den))
+                                           example_denominators(self._layers, self._params, den),
+                                           per_example=self._per_example)
             elif ready:
                 self._norms = PieceNorms(self._params, plan.groups, den)
         if self._ddp:

@@ -20,7 +20,11 @@ zero padding). Under Adam's preconditioner P the weight term is (delta_j^2)^T P^
 extra product per layer, for 2-D inputs; with positions, it is |P (sum_t delta_t a_t^T)|^2 from the
 per-example gradient. Patches and per-example gradients are formed from the inputs autograd keeps
 anyway, in the backward hook, a few examples at a time (at most ``MAX_BLOCK`` numbers at once), on
-measured steps only. A measured step keeps its
+measured steps only. They cost about a forward pass of the layer, so they are formed only when
+asked for (``per_example=True``, the controller's ``measurement="examples"``); otherwise only the
+cheap forms are taken (row norms, and Gram matrices of sequences up to ``MAX_GHOST_LENGTH``
+positions without Adam's preconditioner), and anything else is :class:`Unsupported`, which the
+controller measures with pieces. A measured step keeps its
 micro-batches as planned: nothing is split. This is the cheaper and richer measurement: on the
 5.3M-parameter MLP it costs about 5 ms on an 86 ms step where splitting the step costs about 30 ms,
 and tr(Sigma) gets B - 1 degrees of freedom instead of one per piece.
@@ -62,8 +66,10 @@ from adabatch.gradnorm import squared_norm
 # Most numbers formed at once for one layer's patches, Gram matrices or per-example gradients
 # (16 MiB in float32): examples are taken a block at a time.
 MAX_BLOCK = 1 << 22
-# Layer kinds whose per-example norms are read from hooks.
-EXAMPLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Longest sequence whose per-example norms are taken from Gram matrices (T x T per example) unless
+# per-example gradients are asked for.
+MAX_GHOST_LENGTH = 512
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 
 class PieceNorms:
@@ -144,22 +150,25 @@ def _row_sq(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1).square()
 
 
-def example_layers(model: nn.Module, params: Sequence[Tensor]) -> list[nn.Module] | None:
-    """The Linear / Conv1d / Conv2d layers holding every trainable parameter in ``params``, or None
-    if any is elsewhere (or in a convolution per-example norms cannot follow: grouped, or padded
-    otherwise than with zeros).
+def example_layers(model: nn.Module, params: Sequence[Tensor], convolutions: bool = False) -> list[nn.Module] | None:
+    """The Linear layers (and with ``convolutions``, the Conv1d / Conv2d layers) holding every
+    trainable parameter in ``params``, or None if any is elsewhere (or in a convolution per-example
+    norms cannot follow: grouped, or padded otherwise than with zeros).
 
     Example:
         >>> cnn = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
-        >>> len(example_layers(cnn, list(cnn.parameters())))
+        >>> len(example_layers(cnn, list(cnn.parameters()), convolutions=True))
         2
+        >>> example_layers(cnn, list(cnn.parameters())) is None
+        True
         >>> example_layers(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), list(nn.Linear(1, 1).parameters()))
     """
     owner: dict[int, nn.Module] = {}
     layers: list[nn.Module] = []
     for module in model.modules():
         # exact classes: subclasses may not call the module's forward (attention's out_proj)
-        if _plain_type(module) in EXAMPLE_LAYERS and _conv_geometry(module) is not False:
+        kind = _plain_type(module)
+        if kind is nn.Linear or (convolutions and kind in CONVOLUTIONS and _conv_geometry(module) is not False):
             layers.append(module)
             for p in module.parameters(recurse=False):
                 owner[id(p)] = module
@@ -172,7 +181,7 @@ def example_layers(model: nn.Module, params: Sequence[Tensor]) -> list[nn.Module
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], ...] | None | bool:
     """(kernel, dilation, padding, stride) of a convolution ``F.unfold`` can follow, False for one it
     cannot, None for a Linear layer."""
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    if not isinstance(module, CONVOLUTIONS):
         return None
     if module.groups != 1 or module.padding_mode != "zeros":
         return False
@@ -235,12 +244,13 @@ class ExampleNorms:
         [3.5, 9.0]
     """
 
-    def __init__(self, layers: Sequence[nn.Module], denominators: dict[int, tuple[Tensor, Tensor | None]] | None = None
-                 ) -> None:
+    def __init__(self, layers: Sequence[nn.Module], denominators: dict[int, tuple[Tensor, Tensor | None]] | None = None,
+                 per_example: bool = False) -> None:
         self.layers = layers
+        self.per_example = per_example  # whether per-example gradients and patches may be formed
         # id(layer) -> (its unfold geometry, the input's dimensions) for convolutions
         self._conv = {id(m): (_conv_geometry(m), 3 if isinstance(m, nn.Conv1d) else 4)
-                      for m in layers if isinstance(m, (nn.Conv1d, nn.Conv2d))}
+                      for m in layers if isinstance(m, CONVOLUTIONS)}
         self.denominators = denominators  # id(layer) -> (P_W^2 as 1 / d^2, P_b^2 or None) under Adam
         self._parts: list[Tensor] = []  # per-layer (n,) contributions of the micro-batch in progress
         self._calls: dict[int, int] = {}
@@ -266,6 +276,11 @@ class ExampleNorms:
         conv = self._conv.get(key)
         if conv is not None and a.dim() != conv[1]:
             self.error = f"{type(module).__name__} saw input {tuple(a.shape)}: unbatched inputs have no examples"
+            return
+        if not self.per_example and (conv is not None or (a.dim() > 2 and (
+                self.denominators is not None or math.prod(a.shape[1:-1]) > MAX_GHOST_LENGTH))):
+            self.error = (f"{type(module).__name__} saw input {tuple(a.shape)}: its per-example norms need per-example "
+                          "gradients (measurement='examples' forms them)")
             return
         self._examples = a.shape[0]
         bias = module.bias is not None
@@ -309,7 +324,7 @@ class ExampleNorms:
         positions, outputs = g3.shape[1], g3.shape[2]
         # Gram matrices (T x T) or the per-example gradient (O x I), whichever is smaller; Adam's
         # preconditioner weighs the gradient's entries, so it needs the gradient itself
-        ghost = den is None and positions * (inputs + outputs) <= inputs * outputs
+        ghost = den is None and (not self.per_example or positions * (inputs + outputs) <= inputs * outputs)
         size = max(positions * positions if ghost else inputs * outputs, positions * inputs)
         block = max(1, MAX_BLOCK // size)
         v = g.new_zeros(())

@@ -88,12 +88,13 @@ def test_convolutions_give_the_per_example_gradient_norms_too(conv, shape, kw, a
     x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
     model(x)  # materialize the lazy layer
     params = list(model.parameters())
-    layers = example_layers(model, params)
+    assert example_layers(model, params) is None  # convolutions only when asked for
+    layers = example_layers(model, params, convolutions=True)
     assert layers is not None and len(layers) == 3
     den_t = [torch.rand_like(p) + 0.1 for p in params] if adam else None
     exact = _per_example_sq(model, nn.functional.cross_entropy, x, y,
                             {k: d for (k, _), d in zip(model.named_parameters(), den_t)} if adam else None)
-    norms = ExampleNorms(layers, example_denominators(layers, params, den_t) if adam else None)
+    norms = ExampleNorms(layers, example_denominators(layers, params, den_t) if adam else None, per_example=True)
     nn.functional.cross_entropy(model(x), y).backward()
     norms.after_backward()
     mean_v = norms.finish(params, den_t)[0].item()
@@ -106,12 +107,12 @@ def test_blocks_of_examples_add_up_to_the_whole(monkeypatch):
     model = _cnn(nn.Conv1d, padding=1)
     x, y = torch.randn(9, 2, 17), torch.randint(0, 3, (9,))
     model(x)
-    layers = example_layers(model, list(model.parameters()))
+    layers = example_layers(model, list(model.parameters()), convolutions=True)
     values = []
     for block in (1 << 22, 40):  # everything at once, then a couple of examples at a time
         monkeypatch.setattr(measure, "MAX_BLOCK", block)
         model.zero_grad()
-        norms = ExampleNorms(layers)
+        norms = ExampleNorms(layers, per_example=True)
         nn.functional.cross_entropy(model(x), y).backward()
         norms.after_backward()
         values.append(norms.finish(list(model.parameters()))[0].item())
@@ -121,13 +122,52 @@ def test_blocks_of_examples_add_up_to_the_whole(monkeypatch):
 def test_convolutions_per_example_norms_cannot_follow_are_left_to_pieces():
     for conv in (nn.Conv1d(4, 4, 3, groups=2), nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"),
                  nn.Conv1d(2, 2, 4, padding="same")):
-        assert example_layers(conv, list(conv.parameters())) is None
+        assert example_layers(conv, list(conv.parameters()), convolutions=True) is None
     conv = nn.Conv1d(2, 3, 3)
-    norms = ExampleNorms(example_layers(conv, list(conv.parameters())))
+    norms = ExampleNorms(example_layers(conv, list(conv.parameters()), convolutions=True), per_example=True)
     conv(torch.randn(2, 8)).sum().backward()  # an unbatched input: no examples to take norms of
     norms.after_backward()
     with pytest.raises(Unsupported, match="unbatched"):
         norms.finish(list(conv.parameters()))
+
+
+def test_sequences_under_adam_get_exact_norms_from_per_example_gradients_only_when_asked_for():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    params = list(model.parameters())
+    den_t = [torch.rand_like(p) + 0.1 for p in params]
+    x, y = torch.randn(6, 9, 5), torch.randn(6, 9, 4)
+    loss_one = lambda out, yy: 0.5 * (out - yy).square().sum((1, 2)).mean()  # noqa: E731
+    exact = _per_example_sq(model, loss_one, x, y, {k: d for (k, _), d in zip(model.named_parameters(), den_t)})
+    layers = example_layers(model, params)
+    for per_example in (False, True):
+        model.zero_grad()
+        norms = ExampleNorms(layers, example_denominators(layers, params, den_t), per_example=per_example)
+        loss_one(model(x), y).backward()
+        norms.after_backward()
+        if not per_example:  # the cheap forms cannot weigh a sequence's gradient entries: left to pieces
+            with pytest.raises(Unsupported, match="per-example gradients"):
+                norms.finish(params, den_t)
+            continue
+        assert norms.finish(params, den_t)[0].item() * 6 ** 2 == pytest.approx(float(exact.mean()), rel=1e-5)
+
+
+def test_without_per_example_gradients_convolutions_and_long_sequences_are_left_to_pieces(monkeypatch):
+    import adabatch.measure as measure
+
+    conv = nn.Conv1d(2, 3, 3)
+    norms = ExampleNorms([conv])
+    conv(torch.randn(4, 2, 8)).sum().backward()
+    norms.after_backward()
+    with pytest.raises(Unsupported, match="per-example gradients"):
+        norms.finish(list(conv.parameters()))
+    monkeypatch.setattr(measure, "MAX_GHOST_LENGTH", 4)
+    lin = nn.Linear(3, 2)
+    norms = ExampleNorms([lin])
+    lin(torch.randn(2, 5, 3)).sum().backward()  # 5 positions, above the (lowered) limit
+    norms.after_backward()
+    with pytest.raises(Unsupported, match="per-example gradients"):
+        norms.finish(list(lin.parameters()))
 
 
 def test_a_layer_called_twice_is_reported_instead_of_measured_wrongly():
