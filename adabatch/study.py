@@ -1279,18 +1279,18 @@ class _Worker:
             if bar is not None:
                 bar.close()
         if self.spec.verify.top_k and not timed_out:
-            if self.retry(self._trials_done, "reading the study"):
+            full, busy = self.retry(self._trials_state, "reading the study")
+            if full and not busy:
                 self._verify(progress, log)
-            elif self.retry(lambda: sum(map(is_original, study.get_trials(deepcopy=False))) >= self.spec.n_trials,
-                            "reading the study"):
+            elif full:
                 self.notify("[verify] starts once no trial is running or queued: the last worker to finish runs it "
                             "(or run the study file again)")
         return study
 
-    def _trials_done(self) -> bool:
-        """Whether the study has all its trials and none is running or queued (verification may start)."""
+    def _trials_state(self) -> tuple[bool, bool]:
+        """(whether the study has all its trials, whether one is still running or queued)."""
         trials = self.study.get_trials(deepcopy=False)
-        return sum(map(is_original, trials)) >= self.spec.n_trials and not any(
+        return sum(map(is_original, trials)) >= self.spec.n_trials, any(
             t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
 
     def _verify(self, progress: bool, log: Callable[[str], None] | None) -> None:
