@@ -140,6 +140,39 @@ def test_a_schedule_sized_for_the_base_batch_ends_when_the_samples_do_whatever_t
     assert finals[0] == pytest.approx(finals[1]) == pytest.approx(finals[2])
 
 
+@pytest.mark.parametrize("kind", ["lambda", "onecycle", "cosine"])
+def test_a_large_step_moves_the_schedule_as_many_base_steps_as_one_at_a_time_would(kind):
+    from adabatch.lr import ScheduleFollower
+
+    def make():
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+        if kind == "lambda":
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
+        if kind == "onecycle":
+            return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=500)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=500)
+
+    (opt, sched), (ref_opt, ref) = make(), make()
+    follow = ScheduleFollower(sched, base_batch=16)
+    calls = []
+    real_step = sched.step
+    sched.step = lambda: (calls.append(1), real_step())[1]
+    owed = 0.0
+    for batch in [16, 48, 160, 512, 24, 4096, 4096, 512]:  # OneCycleLR ends at the seventh
+        opt.step()
+        follow.advance(samples=batch)
+        owed += batch / 16
+        while ref.last_epoch < min(int(owed), 499 if kind == "onecycle" else 10**9):
+            ref_opt.step()
+            ref.step()
+        # the same LR, momentum and position as stepping once per base step, bit for bit
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+        assert opt.param_groups[0]["momentum"] == ref_opt.param_groups[0]["momentum"]
+        assert sched.last_epoch == ref.last_epoch
+    # LambdaLR and OneCycleLR jump (one call per optimizer step); chainable schedulers step one at a time
+    assert len(calls) == (8 if kind == "lambda" else 7 if kind == "onecycle" else ref.last_epoch)
+
+
 def test_reduce_on_plateau_is_stepped_by_the_user_and_refused_as_scheduler():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
