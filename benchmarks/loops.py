@@ -162,23 +162,20 @@ def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig
                                   energy_meter=meter)
     rec = Recorder(wl, data, method, seed, budget, eval_every)
     x, y = data.x_train, data.y_train
-    sampler = ctl.batch_sampler(len(x), seed=order_seed(seed))
-    while not rec.done:
-        for idx in sampler:
-            idx = torch.tensor(idx)
-            loss = wl.loss(model(x[idx]), y[idx])
-            ctl.backward(loss)
-            if not ctl.step():
-                continue
-            if rec.due(ctl.samples):
-                # outside optimizer.step() the group's LR is the scheduler's, before the batch's factor
-                extra = {"noise_scale": ctl.noise_scale, "scheduled_lr": opt.param_groups[0]["lr"]}
-                if wl.name.startswith("linreg"):
-                    extra["true_noise_scale"] = linreg_true_noise_scale(model, seed)
-                with ctl.paused():
-                    rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(), **extra)
-                if rec.done:
-                    break
+    for idx in micro_batches(ctl, len(x), seed):
+        loss = wl.loss(model(x[idx]), y[idx])
+        ctl.backward(loss)
+        if not ctl.step():
+            continue
+        if rec.due(ctl.samples):
+            # outside optimizer.step() the group's LR is the scheduler's, before the batch's factor
+            extra = {"noise_scale": ctl.noise_scale, "scheduled_lr": opt.param_groups[0]["lr"]}
+            if wl.name.startswith("linreg"):
+                extra["true_noise_scale"] = linreg_true_noise_scale(model, seed)
+            with ctl.paused():
+                rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(), **extra)
+            if rec.done:
+                break
     ctl.flush()
     history = ctl.history
     keep = history[:: max(1, len(history) // TRAJECTORY_POINTS)]
@@ -187,6 +184,30 @@ def train_adabatch(wl: Workload, data: Data, seed: int, config: ControllerConfig
     if meter is not None:
         meter.close()
     return rec.finish(stats={k: v for k, v in ctl.stats().items() if isinstance(v, (int, float, str))})
+
+
+def micro_batches(ctl: AdaptiveBatchController, n: int, seed: int) -> Iterator[torch.Tensor]:
+    """The micro-batches ``ctl.batch_sampler(n, seed=order_seed(seed))`` yields pass after pass, as index tensors.
+
+    The same permutations, sizes and dropped tails as the controller's sampler (the test suite checks
+    it), sliced from the permutation tensor as the baselines' loop slices it: the sampler's index lists
+    would cost the adabatch loop a list-to-tensor conversion per micro-batch that the baselines do not
+    pay (about 0.2 ms for 4096 indices, a third of a linreg step at that batch). Never ends.
+    """
+    ctl.batch_sampler(n, seed=order_seed(seed))  # the controller learns the pass: its size and largest micro-batch
+    for order in epochs(n, seed):
+        ctl.discard_issued()
+        pos = 0
+        while True:
+            size = ctl.next_micro_batch_size()
+            if n - pos < size:
+                ctl.discard_issued(last=1)
+                if pos == 0:
+                    raise ValueError(f"the controller planned a micro-batch of {size} samples, more than the {n} "
+                                     "training samples hold")
+                break
+            yield order[pos:pos + size]
+            pos += size
 
 
 def linreg_true_noise_scale(model: torch.nn.Linear, seed: int) -> float:

@@ -149,6 +149,39 @@ def test_baselines_walk_the_permutations_the_adaptive_sampler_draws():
     assert first_pass == next(loops.epochs(20, 3)).tolist()
 
 
+def test_the_adabatch_loop_slices_the_micro_batches_its_sampler_would_yield_while_the_batch_changes():
+    from adabatch import AdaptiveBatchController, ControllerConfig
+
+    wl = get_workload("linreg")
+    data = wl.make_data(0)
+    x, y, n = data.x_train, data.y_train, 1000  # a short pass, so several passes end with a dropped tail
+
+    def controller():
+        torch.manual_seed(0)
+        model = wl.make_model()
+        cfg = ControllerConfig(measure_every=1, max_batch=256, max_micro_batch=256)
+        return model, AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=wl.lr), 16, cfg)
+
+    def train(model, ctl, batches):
+        seen = []
+        for idx in batches:
+            idx = torch.as_tensor(idx)
+            seen.append(idx.tolist())
+            ctl.backward(wl.loss(model(x[idx]), y[idx]))
+            ctl.step()
+            if ctl.samples >= 6 * n:
+                return seen
+
+    ref_model, ref = controller()
+    sampler = ref.batch_sampler(n, seed=loops.order_seed(2))
+    expected = train(ref_model, ref, (idx for _ in range(100) for idx in sampler))
+    model, ctl = controller()
+    got = train(model, ctl, loops.micro_batches(ctl, n, 2))
+    assert len({len(i) for i in expected}) > 1  # the batch changed on the way
+    assert got == expected
+    assert torch.equal(model.weight, ref_model.weight)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
