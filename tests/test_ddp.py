@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,10 +16,9 @@ CFG = dict(initial_batch=16, min_batch=16, max_batch=512, lr_rule="none")  # the
 # a fixed small LR keeps |w - w*| (hence the true noise scale) nearly constant
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """A fresh file for the process group to meet at: no port to race another test's processes for."""
+    return str(tmp_path / "rendezvous")
 
 
 def _batches(rank: int, world: int):
@@ -39,10 +36,9 @@ def _model() -> nn.Module:
     return model
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         ddp = nn.parallel.DistributedDataParallel(_model())
         opt = torch.optim.SGD(ddp.parameters(), lr=1e-4)
@@ -73,7 +69,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_agree_on_every_decision_and_on_the_weights(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _rendezvous(tmp_path), str(tmp_path)), nprocs=world, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
     assert r0["granularity"] == MICRO * world
     assert r0["trajectory"] == r1["trajectory"]

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,10 +24,11 @@ from adabatch import AdaptiveBatchController, ControllerConfig
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """A fresh file for the process group to meet at: no port to race another test's processes for."""
+    path = tmp_path / f"rendezvous-{time.monotonic_ns()}"
+    assert not path.exists()
+    return str(path)
 
 
 def _torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -36,10 +36,9 @@ def _torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.Comple
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _join(port: int, rank: int, world: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _join(rendezvous: str, rank: int, world: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 # ----------------------------------------------------------------------------- torchrun, the README command
@@ -63,8 +62,8 @@ def test_torchrun_demo_trains_on_two_processes_in_lockstep_while_the_batch_grows
 # ----------------------------------------------------------------------------- the sampler's strides
 
 
-def _sampler_worker(rank: int, world: int, port: int, out: str) -> None:
-    _join(port, rank, world)
+def _sampler_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    _join(rendezvous, rank, world)
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Linear(8, 1))
@@ -93,7 +92,7 @@ def _sampler_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_sampler_gives_ranks_disjoint_strides_of_each_global_micro_batch_as_sizes_change(tmp_path):
-    mp.spawn(_sampler_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sampler_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     sizes = set()
     for epoch, (a, b) in enumerate(zip(r0, r1)):
@@ -137,8 +136,8 @@ def _controller_summary(ctl: AdaptiveBatchController) -> dict:
             "factor": ctl.lr.factor_for(ctl.samples, ctl.batch_size, ctl.estimator.b_simple)}
 
 
-def _elastic_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
-    _join(port, rank, world)
+def _elastic_worker(rank: int, world: int, rendezvous: str, out: str, mode: str) -> None:
+    _join(rendezvous, rank, world)
     try:
         model = nn.parallel.DistributedDataParallel(_elastic_model())
         ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=1e-3), MICRO,
@@ -177,7 +176,7 @@ def _same_state(a: dict, b: dict) -> None:
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_with_batch_lr_and_estimate_carried(tmp_path, caplog):
-    mp.spawn(_elastic_worker, args=(2, _free_port(), str(tmp_path), "save"), nprocs=2, join=True)
+    mp.spawn(_elastic_worker, args=(2, _rendezvous(tmp_path), str(tmp_path), "save"), nprocs=2, join=True)
     saved = torch.load(tmp_path / "two.pt", weights_only=False)
     assert saved["summary"]["batch"] == 32 and saved["summary"]["estimator"]["measurements"] > 5  # 24 -> granularity 16
     model = _elastic_model()
@@ -201,7 +200,7 @@ def test_checkpoint_of_one_process_resumes_on_two_with_the_batch_re_rounded_and_
     assert ctl.batch_size == 24
     torch.save({"controller": ctl.state_dict()}, tmp_path / "one.pt")
     before = _controller_summary(ctl)
-    mp.spawn(_elastic_worker, args=(2, _free_port(), str(tmp_path), "load"), nprocs=2, join=True)
+    mp.spawn(_elastic_worker, args=(2, _rendezvous(tmp_path), str(tmp_path), "load"), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(2))
     for r in (r0, r1):
         assert any("the global batch 24 is re-rounded to 32 (a multiple of 16)" in line for line in r["log"]), r["log"]
@@ -265,8 +264,8 @@ FSDP_CASES = {
 }
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    _join(port, rank, world)
+def _fsdp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    _join(rendezvous, rank, world)
     try:
         results = {}
         for name, (cfg, optimizer, steps) in FSDP_CASES.items():
@@ -279,7 +278,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_noise_estimate_matches_ddp_and_ranks_take_the_same_decisions(tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for name in FSDP_CASES:
         ddp, fsdp = r0[name, "ddp"], r0[name, "fsdp"]
