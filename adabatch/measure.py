@@ -20,7 +20,9 @@ zero padding). Under Adam's preconditioner P the weight term is (delta_j^2)^T P^
 extra product per layer, for 2-D inputs; with positions, it is |P (sum_t delta_t a_t^T)|^2 from the
 per-example gradient. Patches and per-example gradients are formed from the inputs autograd keeps
 anyway, in the backward hook, a few examples at a time (at most ``MAX_BLOCK`` numbers at once), on
-measured steps only. They cost about a forward pass of the layer, so they are formed only when
+measured steps only, for at most ``MAX_EXAMPLES`` examples of a micro-batch (every k-th, the sum
+scaled up: an unbiased estimate, and a product no larger than a forward pass of 256 examples
+whatever the micro-batch). They cost about a forward pass of the layer, so they are formed only when
 asked for (``per_example=True``, the controller's ``measurement="examples"``); otherwise only the
 cheap forms are taken (row norms, and Gram matrices of sequences up to ``MAX_GHOST_LENGTH``
 positions without Adam's preconditioner), and anything else is :class:`Unsupported`, which the
@@ -69,6 +71,11 @@ MAX_BLOCK = 1 << 22
 # Longest sequence whose per-example norms are taken from Gram matrices (T x T per example) unless
 # per-example gradients are asked for.
 MAX_GHOST_LENGTH = 512
+# Most examples of one micro-batch whose norms take a product the size of the layer's own (Adam's
+# preconditioner, positions, convolutions): a larger micro-batch is sampled every k-th example and
+# the sum scaled by n / m, an unbiased estimate of the whole micro-batch's (examples of a shuffled
+# batch are exchangeable). Row norms of plain Linear layers are cheap and always take every example.
+MAX_EXAMPLES = 256
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 
@@ -293,8 +300,11 @@ class ExampleNorms:
             return
         den = None if self.denominators is None else self.denominators[key]
         geometry = None if conv is None else conv[0]
-        output.register_hook(lambda g, a=a.detach(), bias=bias, den=den, geometry=geometry:
-                             self._backward(g, a, bias, den, geometry))
+        stride = -(-a.shape[0] // MAX_EXAMPLES)  # every stride-th example: at most MAX_EXAMPLES of them
+        sampled = a.detach()[::stride]
+        scale = a.shape[0] / sampled.shape[0]
+        output.register_hook(lambda g, a=sampled, bias=bias, den=den, geometry=geometry, stride=stride, scale=scale:
+                             self._backward(g[::stride], a, bias, den, geometry, scale))
 
     def _dense(self, g: Tensor, a_sq: Tensor) -> None:
         """Sum over the micro-batch's examples of |delta_j|^2 (|a_j|^2 + 1): one dot product."""
@@ -302,8 +312,9 @@ class ExampleNorms:
         self._parts.append(torch.dot(_row_sq(g.detach()), a_sq))
 
     def _backward(self, g: Tensor, a: Tensor, bias: bool, den: tuple[Tensor, Tensor | None] | None,
-                  geometry: tuple[tuple[int, ...], ...] | None) -> None:
-        """The same sum for a preconditioned layer, one with positions, or a convolution."""
+                  geometry: tuple[tuple[int, ...], ...] | None, scale: float = 1.0) -> None:
+        """The same sum for a preconditioned layer, one with positions, or a convolution, over the
+        examples in ``g`` and ``a`` (a sample of the micro-batch's), times ``scale`` (n / sampled)."""
         self._grads += 1
         g = g.detach().float()
         a = a.float()
@@ -312,7 +323,7 @@ class ExampleNorms:
             v = (g.square() @ pw2 * a.square()).sum()
             if pb2 is not None:
                 v = v + (g.square().sum(0) * pb2).sum()
-            self._parts.append(v)
+            self._parts.append(v * scale if scale != 1.0 else v)
             return
         n = a.shape[0]
         if geometry is None:  # positions: the flattened middle dimensions
@@ -339,7 +350,7 @@ class ExampleNorms:
         if bias:
             b2 = g3.sum(1).square()  # (n, O): each example's bias gradient, squared
             v = v + (b2 if den is None or den[1] is None else b2 * den[1]).sum()
-        self._parts.append(v)
+        self._parts.append(v * scale if scale != 1.0 else v)
 
     def before_backward(self, i: int) -> None:
         """Nothing to do: the hooks read what they need (for symmetry with :class:`PieceNorms`)."""

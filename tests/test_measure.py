@@ -208,3 +208,26 @@ def test_pieces_taken_alone_sum_back_to_the_step_gradient():
             p.grad = None
     assert values[:2] == pytest.approx(halves, rel=1e-5)
     assert values[2] == pytest.approx(sum(float(g.square().sum()) for g in accumulated), rel=1e-6)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_large_micro_batches_take_the_costly_forms_over_every_kth_example(monkeypatch, adam):
+    import adabatch.measure as measure
+
+    monkeypatch.setattr(measure, "MAX_EXAMPLES", 4)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    params = list(model.parameters())
+    den_t = [torch.rand_like(p) + 0.1 for p in params] if adam else None
+    layers = example_layers(model, params)
+    loss_one = lambda out, yy: 0.5 * (out - yy).square().sum((1, 2)).mean()  # noqa: E731
+    x, y = torch.randn(10, 3, 5), torch.randn(10, 3, 4)  # 10 examples of 3 positions
+    exact = _per_example_sq(model, loss_one, x, y,
+                            {k: d for (k, _), d in zip(model.named_parameters(), den_t)} if adam else None)
+    norms = ExampleNorms(layers, example_denominators(layers, params, den_t) if adam else None, per_example=True)
+    loss_one(model(x), y).backward()
+    norms.after_backward()
+    mean_v = norms.finish(params, den_t)[0].item() * 10 ** 2
+    # examples 0, 3, 6 and 9: their mean, which over shuffled batches is unbiased for the whole batch's
+    assert mean_v == pytest.approx(float(exact[::3].mean()), rel=1e-4)
+    assert mean_v != pytest.approx(float(exact.mean()), rel=1e-3)
