@@ -123,7 +123,8 @@ class ControllerConfig:
     max_measure_every: int = 64
     # Evidence check: after a growth, compare the loss decrease per sample with the same span
     # before it; revert (and do not try that batch again for a while) when it fell significantly
-    # below this share. 0 turns the check off.
+    # below this share. With it, a growth in use when the step loss suddenly more than doubles is
+    # undone at that step (adabatch.progress.LossSpike). 0 turns both off.
     min_efficiency: float = 0.5
     # Largest micro-batch (samples per process). None: as large as the step when the loader follows
     # the controller (its batch_sampler or next_micro_batch_size), and on CUDA as large as the

@@ -51,7 +51,7 @@ from adabatch.clock import TrainingClock
 from adabatch.config import ConfigError, ControllerConfig
 from adabatch.decide import Change, Decider, snap_down
 from adabatch.gradnorm import adam_denominators
-from adabatch.lr import LRScaler, ScheduleFollower, lr_factor, resolve_rule
+from adabatch.lr import LRLimit, LRScaler, ScheduleFollower, lr_factor, resolve_rule
 from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, example_denominators, example_layers,
                               mean_gradient_norms)
 from adabatch.memory import MicroBatchMemory
@@ -176,6 +176,9 @@ class AdaptiveBatchController:
         self.decider = Decider(config, self.granularity, self.min_batch, self.max_batch,
                                lambda: self._micro_cap() * self.granularity if self.planner.follows else self.granularity)
         self.progress = ProgressTracker(config.min_efficiency) if config.min_efficiency > 0 else None
+        self.lr_limit = LRLimit(self.lr_rule, self.base_batch)
+        self.decider.limit = lambda: self.lr_limit.largest_batch(
+            self._scheduled_lr(), self.granularity, self.min_batch, self.max_batch, self.estimator.b_simple)
         self.energy_meter = energy_meter
         if self.energy_meter is None and config.policy in ("energy", "zeus"):
             from adabatch.energy import detect_meter
@@ -443,6 +446,8 @@ class AdaptiveBatchController:
         if self.progress is not None and isinstance(loss_value, float):
             self.progress.record(self.samples, loss_value, step_batch)
         self.steps += 1
+        if self.progress is not None and self.progress.rising and self.decider.growth_in_use(self.batch_size):
+            self._rescue()
         if self._track_memory:
             self.memory.observe(max(self._sizes) // self.micro_batch_size,
                                 float(torch.cuda.max_memory_allocated(self._params[0].device)))
@@ -531,6 +536,7 @@ class AdaptiveBatchController:
             "clock": self.clock.state_dict(),
             "estimator": self.estimator.state_dict(),
             "decider": self.decider.state_dict(),
+            "lr_limit": self.lr_limit.state_dict(),
             "progress": None if self.progress is None else self.progress.state_dict(),
             "lr": self.lr.state_dict(),
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
@@ -584,6 +590,8 @@ class AdaptiveBatchController:
         self.estimator.load_state_dict(state["estimator"])
         self._changes_seen = self.estimator.changes  # regime changes already acted on (after the load, not before)
         self.decider.load_state_dict(state["decider"])
+        if "lr_limit" in state:  # checkpoints of earlier versions had none
+            self.lr_limit.load_state_dict(state["lr_limit"])
         if self.progress is not None and state["progress"] is not None:
             self.progress.load_state_dict(state["progress"])
         self.lr.load_state_dict(state["lr"])
@@ -768,6 +776,23 @@ class AdaptiveBatchController:
             self.batch_size = new
             log.info("adabatch: batch %d -> %d at %d samples (%s; B_simple %.4g [%.4g, %.4g])", old, new,
                      self.samples, self.decider.changes[-1].reason, est.value, est.low, est.high)
+
+    def _scheduled_lr(self) -> float:
+        """The first group's LR as the scheduler set it (outside optimizer.step(), without the batch's factor)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _rescue(self) -> None:
+        """The loss is climbing fast on a batch that just grew: go back to the batch before it now."""
+        old, est = self.batch_size, self.estimator.estimate()
+        grown = self.decider.growth_in_use(old)
+        self.lr_limit.failed(self._scheduled_lr(), grown.old, old, self.estimator.b_simple)
+        new = self.decider.rescue(old, self.samples, self.steps, est)
+        self.progress.forget()
+        self.lr.batch_changed(self.samples, old, new)
+        self.batch_size = new
+        log.warning("adabatch: the loss rose fast after the batch grew to %d: back to %d at %d samples; the learning "
+                    "rate stays below %.4g from now on (batch at most %d at the current schedule)", old, new,
+                    self.samples, self.lr_limit.value, self.decider.cap(self.samples))
 
     def _spacing_steps(self) -> int:
         """Steps between measurements: a ``measurements_per_window``-th of the window, times the stretch."""

@@ -23,6 +23,9 @@ flipping the batch back and forth (hysteresis). Patience and cooldown are counte
 Evidence (:mod:`adabatch.progress`): a growth after which the loss decrease per sample fell
 significantly below ``min_efficiency`` of what it was before (including a loss that rose) is
 reverted, and the batch that failed becomes a ceiling until the run has twice as many samples.
+That check waits for a window of samples; a growth in use when the step loss suddenly climbs
+(:class:`~adabatch.progress.LossSpike`: a larger learning rate past the curvature's limit) is
+undone at the very step ("rescue"), with the same ceiling.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Change:
     step: int
     old: int
     new: int
-    reason: str  # "grow", "shrink" or "revert"
+    reason: str  # "grow", "shrink", "revert" (failed evidence check) or "rescue" (loss rising fast)
     noise: float
     noise_low: float
     noise_high: float
@@ -86,12 +89,17 @@ class Decider:
         self.pending: tuple[int, int] | None = None  # (direction, samples since which it holds)
         self.ceiling: tuple[int, int] | None = None  # (batch that failed, samples until which it holds)
         self.changes: list[Change] = []
+        # the largest batch other limits allow now (the learning rate a rescue found too large)
+        self.limit: Callable[[], int] | None = None
 
     def cap(self, samples: int) -> int:
         """Largest batch allowed now (the bound, or below a batch that failed its evidence check)."""
+        cap = self.max_batch
         if self.ceiling is not None and samples < self.ceiling[1]:
-            return max(self.ceiling[0] - self.granularity, self.min_batch)
-        return self.max_batch
+            cap = max(self.ceiling[0] - self.granularity, self.min_batch)
+        if self.limit is not None:
+            cap = max(min(cap, self.limit()), self.min_batch)
+        return cap
 
     def decide(self, batch: int, samples: int, step: int, estimate: NoiseEstimate,
                target: Callable[[float], float]) -> int:
@@ -142,6 +150,26 @@ class Decider:
             self._record(samples, step, batch, new, "revert", estimate)
             return new
         return batch
+
+    def growth_in_use(self, batch: int) -> Change | None:
+        """The last change, if it was a growth to ``batch`` (the batch in use)."""
+        last = self.changes[-1] if self.changes else None
+        return last if last is not None and last.reason == "grow" and last.new == batch else None
+
+    def rescue(self, batch: int, samples: int, step: int, estimate: NoiseEstimate) -> int:
+        """Undo the growth to ``batch`` at once (the loss is rising fast): back to the batch before it,
+        with no batch above the geometric mean of the two until the run has twice as many samples
+        (the stability limit lies somewhere between them; the controller also keeps the learning rate
+        below theirs for the rest of the run, :class:`~adabatch.lr.LRLimit`); cooldown and patience
+        do not apply."""
+        grown = self.growth_in_use(batch)
+        if grown is None:
+            return batch
+        new = snap_down(grown.old, self.granularity, self.min_batch, self.max_batch)
+        limit = max(snap_down(math.sqrt(grown.old * batch), self.granularity, self.min_batch, self.max_batch), new)
+        self.ceiling = (limit + self.granularity, 2 * max(samples, 1))  # cap() allows up to ``limit``
+        self._record(samples, step, batch, new, "rescue", estimate)
+        return new
 
     def _record(self, samples: int, step: int, old: int, new: int, reason: str, est: NoiseEstimate) -> None:
         self.last_change, self.pending = samples, None

@@ -120,6 +120,56 @@ class LRScaler:
         self.factor, self._ramp_from, self._ramp_start = state["factor"], state["ramp_from"], state["ramp_start"]
 
 
+class LRLimit:
+    """A learning rate found too large, and the largest batch whose LR stays below it from now on.
+
+    When a growth makes the loss explode (a rescue), the step's LR, scheduled LR x the rule's
+    factor, crossed the curvature's limit somewhere between the factors of the old and the new
+    batch. The limit is kept at their geometric mean, scheduled LR x sqrt(f(old) f(new)), for the
+    rest of the run (the lowest such value if several rescues happen); a batch is allowed while its
+    LR stays below it, so a schedule that decays the LR frees larger batches as it goes.
+
+    Example:
+        >>> limit = LRLimit("linear", base_batch=32)
+        >>> limit.failed(scheduled_lr=0.05, old_batch=128, new_batch=512)  # 0.2 was fine, 0.8 exploded
+        >>> round(limit.value, 6), limit.largest_batch(0.05, 32, 32, 4096), limit.largest_batch(0.01, 32, 32, 4096)
+        (0.4, 256, 1280)
+    """
+
+    def __init__(self, rule: str, base_batch: int) -> None:
+        self.rule, self.base_batch = rule, base_batch
+        self.value: float | None = None
+
+    def failed(self, scheduled_lr: float, old_batch: int, new_batch: int, noise_scale: float = math.nan) -> None:
+        f_old = lr_factor(self.rule, old_batch, self.base_batch, noise_scale)
+        f_new = lr_factor(self.rule, new_batch, self.base_batch, noise_scale)
+        limit = scheduled_lr * math.sqrt(f_old * f_new)
+        self.value = limit if self.value is None else min(self.value, limit)
+
+    def largest_batch(self, scheduled_lr: float, granularity: int, lo: int, hi: int,
+                      noise_scale: float = math.nan) -> int:
+        """Largest multiple of ``granularity`` in [lo, hi] whose LR stays at or below the limit (lo at least)."""
+        if self.value is None or not scheduled_lr > 0:
+            return hi
+        ok = lambda b: scheduled_lr * lr_factor(self.rule, b, self.base_batch, noise_scale) <= self.value  # noqa: E731
+        first, last = -(-lo // granularity), hi // granularity
+        if ok(last * granularity):
+            return last * granularity
+        while first < last:  # factors grow with the batch: the last multiple that is ok
+            mid = (first + last + 1) // 2
+            if ok(mid * granularity):
+                first = mid
+            else:
+                last = mid - 1
+        return max(first * granularity, lo)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
+
 SCHEDULE_MODES = ("samples", "progress", "steps")
 
 

@@ -41,6 +41,70 @@ from typing import Any
 import numpy as np
 
 
+class LossSpike:
+    """Flags a sudden rise of the step loss, the first sign that a larger step made training unstable.
+
+    The median of the last ``recent`` step losses (robust to one odd batch) is compared with an
+    exponential average of that median (``alpha`` per step, about ten steps of memory) and of its
+    absolute deviation: the loss is rising fast when the median climbs above the average by more than
+    ``rise`` of its size, by more than ``z`` typical deviations, and by more than ``start`` of the
+    first median seen (a loss near zero doubles on noise alone). O(1) per step.
+
+    A linear LR rule raises the learning rate with the batch; past the curvature's limit the loss
+    climbs within a few steps, and a few dozen steps later the weights may be beyond repair (on the
+    MNIST-1D CNN at nine times its base LR: the loss doubled, then reached 37 within 30 steps, and
+    the run ended at chance accuracy although the growth was reverted by the efficiency check).
+
+    Example:
+        >>> spike = LossSpike()
+        >>> [spike.update(1.0 + 0.01 * (i % 3)) for i in range(30)][-1]
+        False
+        >>> [spike.update(2.5) for _ in range(3)]
+        [False, False, True]
+    """
+
+    def __init__(self, recent: int = 5, alpha: float = 0.1, rise: float = 1.0, z: float = 6.0, start: float = 0.1,
+                 warmup: int = 10) -> None:
+        self.recent, self.alpha, self.rise, self.z, self.start, self.warmup = recent, alpha, rise, z, start, warmup
+        self._losses: list[float] = []
+        self._first: float | None = None
+        self._level: float | None = None
+        self._spread = 0.0
+        self._seen = 0
+        self._held = 0  # steps in a row the reference was held back
+
+    def update(self, loss: float) -> bool:
+        """Take one step's loss; True while the loss is rising fast."""
+        self._losses.append(loss)
+        if len(self._losses) > self.recent:
+            del self._losses[0]
+        if len(self._losses) < self.recent:
+            return False
+        med = sorted(self._losses)[self.recent // 2]
+        if self._level is None:
+            self._first = self._level = med
+            return False
+        gap = med - self._level
+        rising = self._seen >= self.warmup and gap > max(self.rise * abs(self._level), self.z * self._spread,
+                                                          self.start * abs(self._first))
+        if gap > 0.5 * self.rise * abs(self._level) and self._held < self.recent:
+            self._held += 1  # a suspicious rise: keep the reference from before it for a few steps
+        else:
+            self._held = 0
+            self._spread += self.alpha * (abs(gap) - self._spread)
+            self._level += self.alpha * gap
+        self._seen += 1
+        return rising
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self._losses), "first": self._first, "level": self._level, "spread": self._spread,
+                "seen": self._seen, "held": self._held}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._losses, self._first, self._level = list(state["losses"]), state["first"], state["level"]
+        self._spread, self._seen, self._held = state["spread"], state["seen"], state["held"]
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Outcome of one change: measured relative progress per sample and whether it failed."""
@@ -94,11 +158,14 @@ class ProgressTracker:
         self._loss: list[float] = []
         self._batch: list[float] = []
         self._probes: list[_Probe] = []
+        self.spike = LossSpike()
+        self.rising = False  # whether the loss is rising fast as of the last step (:class:`LossSpike`)
 
     def record(self, samples: float, loss: float, batch: int) -> None:
         """One optimizer step: cumulative samples after it, its mean loss, its batch."""
         if not math.isfinite(loss):
             return
+        self.rising = self.spike.update(float(loss))
         self._samples.append(float(samples))
         self._loss.append(float(loss))
         self._batch.append(float(batch))
@@ -151,8 +218,10 @@ class ProgressTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": list(self._samples), "loss": list(self._loss), "batch": list(self._batch),
-                "probes": [vars(p).copy() for p in self._probes]}
+                "probes": [vars(p).copy() for p in self._probes], "spike": self.spike.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._samples, self._loss, self._batch = list(state["samples"]), list(state["loss"]), list(state["batch"])
         self._probes = [_Probe(**p) for p in state["probes"]]
+        if "spike" in state:  # checkpoints of earlier versions start the detector afresh
+            self.spike.load_state_dict(state["spike"])

@@ -14,7 +14,7 @@ from torch import nn
 from adabatch import AdaptiveBatchController, ConfigError, ControllerConfig, NonFiniteLossError
 from adabatch.decide import Decider
 from adabatch.noise import NoiseEstimate
-from adabatch.progress import Verdict
+from adabatch.progress import LossSpike, Verdict
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -274,6 +274,54 @@ def test_a_growth_that_failed_its_evidence_is_reverted_and_capped_for_a_while():
     ok = Verdict(at=10_000, old_batch=64, new_batch=256, efficiency=0.9, failed=False)
     assert _decider().judge(256, 14_000, 100, [ok], est) == 256
     assert [c.reason for c in d.changes] == ["revert", "grow"]
+
+
+def test_a_sudden_rise_of_the_loss_is_flagged_and_noise_or_a_slow_trend_is_not():
+    for seed in range(3):  # mini-batch losses with skewed noise (CV 0.1), falling 20-fold over 10k steps
+        noise = torch.empty(10_000).exponential_(1.0, generator=torch.Generator().manual_seed(seed))
+        spike = LossSpike()
+        assert not any(spike.update(2.0 * 0.9997 ** i * (0.9 + 0.1 * float(e))) for i, e in enumerate(noise))
+    spike = LossSpike()
+    assert not any(spike.update(1.0 + i / 500 + 0.05 * (i % 3)) for i in range(500))  # doubles, slowly
+    for i in range(50):
+        assert not spike.update(2.0 + 0.05 * (i % 3))
+    flags = [spike.update(v) for v in (4.5, 5.5, 5.0, 4.8, 5.2, 5.1)]  # more than doubles at once
+    assert True in flags[:5] and not any(flags[:2])  # the median of five moves on the third high loss
+
+
+def _diverging_linreg(min_efficiency: float, steps: int):
+    """SGD at lr 0.2 on a batch of 8, linear LR rule, growth pushed hard: past batch 80 the LR
+    exceeds the curvature's limit (2 for unit-variance inputs) and the loss explodes."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1, bias=False)
+    cfg = ControllerConfig(initial_batch=8, target_factor=50.0, min_efficiency=min_efficiency, lr_rule="linear",
+                           max_batch=512, max_micro_batch=512)
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.2), 8, cfg)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=g)
+    losses = []
+    while ctl.steps < steps:
+        n = ctl.next_micro_batch_size()
+        x = torch.randn(n, 16, generator=g)
+        loss = 0.5 * ((model(x).squeeze(1) - x @ w - 0.5 * torch.randn(n, generator=g)) ** 2).mean()
+        ctl.backward(loss)
+        if ctl.step():
+            losses.append(loss.item())
+    return ctl, losses
+
+
+def test_a_growth_that_makes_the_loss_explode_is_undone_at_once_and_the_run_survives():
+    ctl, losses = _diverging_linreg(min_efficiency=0.5, steps=80)
+    rescue = next(c for c in ctl.decider.changes if c.reason == "rescue")
+    assert (rescue.old, rescue.new) == (128, 32)  # LR x16 exploded within a few steps: back to 32
+    assert rescue.step - ctl.decider.changes[ctl.decider.changes.index(rescue) - 1].step <= 5
+    assert max(c.new for c in ctl.decider.changes[ctl.decider.changes.index(rescue):]) <= 64  # below sqrt(32 x 128)
+    assert ctl.lr_limit.value == pytest.approx(0.2 * 8, rel=1e-6)  # 0.2 x sqrt(4 x 16): between the two steps' LRs
+    after = [r.lr for r in ctl.history if r.step > rescue.step]
+    assert len(after) > 20 and max(after) <= ctl.lr_limit.value * (1 + 1e-9)
+    assert min(losses[rescue.step:rescue.step + 10]) < 0.5  # back at the noise floor (0.125) within ten steps
+    with pytest.warns(RuntimeWarning, match="non-finite loss"), pytest.raises(NonFiniteLossError):
+        _diverging_linreg(min_efficiency=0, steps=80)  # without the evidence checks the run is lost
 
 
 def _linreg_run(noise_schedule, samples: int, cfg: ControllerConfig, dim: int = 16, seed: int = 0):
