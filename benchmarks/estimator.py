@@ -241,11 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="{}", help='ControllerConfig changes for every run, as JSON (e.g. \'{"window_fraction": 0.2}\')')
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
-                   help="write --out's report from the runs in these folders' estimator.json (runs nothing)")
+                   help="write --out's report from the runs in these folders' estimator.json (runs nothing); "
+                        "a run of the same label and seed in a later folder replaces an earlier one")
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads((d / "estimator.json").read_text()) for d in args.merge]
-        runs = [r for part in parts for r in part["runs"]]
+        latest = {(r["label"], r["seed"]): r for part in parts for r in part["runs"]}  # a later folder's run wins
+        runs = list(latest.values())
         order = {label: i for i, (label, *_) in enumerate(SUITE)}
         runs.sort(key=lambda r: (order.get(r["label"], len(order)), r["seed"]))
         _write(args.out, {"seeds": sorted({r["seed"] for r in runs}), "runs": runs,
