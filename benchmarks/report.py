@@ -444,14 +444,20 @@ def render(results: dict[str, Any], summary: dict[str, Any], figures: dict[str, 
 def _versions(runs: list[dict[str, Any]]) -> list[str]:
     """A paragraph naming the code versions the runs come from, when there are several (methods rerun
     after a change, the others kept: their times come from different sittings of the machine)."""
-    by: dict[str, list[str]] = {}
+    by: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        by.setdefault(str(r.get("code_version")), []).append(r["method"])
+        by.setdefault(str(r.get("code_version")), []).append(r)
     if len(by) < 2:
         return []
-    parts = [f"`{v}`: {len(ms)} runs ({', '.join(sorted(set(ms)))})" for v, ms in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+    parts = []
+    for v, rs in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        per = {}
+        for r in rs:
+            per.setdefault(r["workload"], set()).add(r["method"])
+        where = "; ".join(f"{w}: {', '.join(sorted(ms))}" for w, ms in per.items())
+        parts.append(f"`{v}`: {len(rs)} runs ({where})")
     return ["Runs come from more than one code version, so the methods rerun last were timed in another sitting "
-            "of the machine than the rest: " + "; ".join(parts) + ".", ""]
+            "of the machine than the rest: " + "; ".join(parts) + ". Ratios are fair within one sitting only.", ""]
 
 
 def readme_block(results: dict[str, Any], summary: dict[str, Any], report_path: str,

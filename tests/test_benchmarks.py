@@ -120,7 +120,7 @@ def test_a_report_of_runs_from_several_code_versions_says_which_methods_were_rer
     (tmp_path / "results.json").write_text(json.dumps(results))
     report = write_report(tmp_path / "results.json", tmp_path).read_text()
     n = sum(r["method"] == "adabatch" for r in results["runs"])
-    assert "more than one code version" in report and f"`v2`: {n} runs (adabatch)" in report
+    assert "more than one code version" in report and f"`v2`: {n} runs (linreg: adabatch)" in report
 
 
 def test_readme_block_is_replaced_between_its_markers(smoke, tmp_path):
