@@ -177,7 +177,7 @@ class AdaptiveBatchController:
                                lambda: self._micro_cap() * self.granularity if self.planner.follows else self.granularity)
         self.progress = ProgressTracker(config.min_efficiency) if config.min_efficiency > 0 else None
         self.lr_limit = LRLimit(self.lr_rule, self.base_batch)
-        self.decider.limit = lambda: self.lr_limit.largest_batch(
+        self.decider.limit = lambda: self.max_batch if self.lr_limit.value is None else self.lr_limit.largest_batch(
             self._scheduled_lr(), self.granularity, self.min_batch, self.max_batch, self.estimator.b_simple)
         self.energy_meter = energy_meter
         if self.energy_meter is None and config.policy in ("energy", "zeus"):

@@ -25,7 +25,8 @@ significantly below ``min_efficiency`` of what it was before (including a loss t
 reverted, and the batch that failed becomes a ceiling until the run has twice as many samples.
 That check waits for a window of samples; a growth in use when the step loss suddenly climbs
 (:class:`~adabatch.progress.LossSpike`: a larger learning rate past the curvature's limit) is
-undone at the very step ("rescue"), with the same ceiling.
+undone at the very step ("rescue"), with a ceiling at the geometric mean of the two batches, and
+a :attr:`Decider.limit` from the controller keeps later batches' learning rates below theirs.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Decider:
         self.limit: Callable[[], int] | None = None
 
     def cap(self, samples: int) -> int:
-        """Largest batch allowed now (the bound, or below a batch that failed its evidence check)."""
+        """Largest batch allowed now: the bound, below a batch that failed its evidence check, and
+        within :attr:`limit` (the learning rate a rescue found too large)."""
         cap = self.max_batch
         if self.ceiling is not None and samples < self.ceiling[1]:
             cap = max(self.ceiling[0] - self.granularity, self.min_batch)

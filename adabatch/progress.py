@@ -48,7 +48,9 @@ class LossSpike:
     exponential average of that median (``alpha`` per step, about ten steps of memory) and of its
     absolute deviation: the loss is rising fast when the median climbs above the average by more than
     ``rise`` of its size, by more than ``z`` typical deviations, and by more than ``start`` of the
-    first median seen (a loss near zero doubles on noise alone). O(1) per step.
+    first median seen (a loss near zero doubles on noise alone). While the median stands above the
+    average by half that rise, the average is held where it was (for at most ``recent`` steps), so a
+    loss that climbs over several steps is still compared with its level from before. O(1) per step.
 
     A linear LR rule raises the learning rate with the batch; past the curvature's limit the loss
     climbs within a few steps, and a few dozen steps later the weights may be beyond repair (on the
