@@ -757,6 +757,8 @@ class AdaptiveBatchController:
             self._decision_seconds = time.perf_counter() - t_start
 
     def _decide(self, est: NoiseEstimate) -> None:
+        if self.progress is not None and self.progress.rising:
+            return  # no move while the loss climbs fast: a rescue may just have undone a growth
         old = self.batch_size
         new = old
         if self.progress is not None and self.progress.pending:

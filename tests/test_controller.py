@@ -324,6 +324,18 @@ def test_a_growth_that_makes_the_loss_explode_is_undone_at_once_and_the_run_surv
         _diverging_linreg(min_efficiency=0, steps=80)  # without the evidence checks the run is lost
 
 
+def test_no_batch_decision_is_taken_while_the_loss_climbs_fast():
+    ctl, _ = _diverging_linreg(min_efficiency=0.5, steps=40)
+    est = NoiseEstimate(1e4, 5e3, 2e4, True, 1.0, 1e4, 50.0)  # a confident estimate far above the batch
+    batch, changes = ctl.batch_size, len(ctl.decider.changes)
+    ctl.progress.rising = True  # as at the step of a rescue: the growth just undone must not come back at once
+    ctl._decide(est)
+    assert ctl.batch_size == batch and len(ctl.decider.changes) == changes
+    ctl.progress.rising = False
+    ctl._decide(est)
+    assert ctl.batch_size > batch  # the same estimate grows the batch once the loss is calm
+
+
 def _linreg_run(noise_schedule, samples: int, cfg: ControllerConfig, dim: int = 16, seed: int = 0):
     """Frozen noisy linear regression whose label noise (hence B_simple) follows noise_schedule(samples)."""
     torch.manual_seed(seed)
