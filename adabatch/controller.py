@@ -201,6 +201,7 @@ class AdaptiveBatchController:
         self._measure_cost: float | None = None
         self._unmeasured_samples = 0  # samples trained since the estimator last heard of them
         self._window = (0, 0, 0.0, self.clock.joules())  # steps, samples, seconds, joules at the last measurement
+        self._warm_batch: int | None = None  # the batch whose first window (warm-up) was left out of the profile
         self._amp_found: Tensor | None = None
         self._factor_batch = -1  # step batch the cached LR factor was computed for (-1: stale)
         self._factor = 1.0
@@ -744,8 +745,11 @@ class AdaptiveBatchController:
 
         if self.config.policy != "noise":
             joules = self.clock.joules()
-            self.policy.observe(self.batch_size, self.samples - w_samples, max(seconds - w_seconds, 1e-9),
-                                None if joules is None or w_joules is None else joules - w_joules)
+            if self._warm_batch == self.batch_size:
+                self.policy.observe(self.batch_size, self.samples - w_samples, max(seconds - w_seconds, 1e-9),
+                                    None if joules is None or w_joules is None else joules - w_joules)
+            else:  # the first window at a new batch (or of the run, or after a resume) pays its warm-up
+                self._warm_batch = self.batch_size
             self._window = (self.steps, self.samples, seconds, joules)
         est = self.estimator.estimate()
         self.telemetry.measured(self.steps - 1, (est.value, est.grad_sq, est.trace, est.low, est.high),

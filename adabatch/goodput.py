@@ -18,6 +18,9 @@ from adabatch.policy import BatchPolicy, PolicyInput, round_to_granularity
 OBJECTIVES = ("time", "energy", "zeus")
 # Above this many multiples of the granularity, candidates are a geometric grid instead.
 MAX_CANDIDATES = 1024
+# A batch size joins the throughput fit once this many of its steps were timed: one step's time is
+# noise (a new shape's first call, a measured step, the machine's other work).
+MIN_STEPS = 8
 
 
 def statistical_efficiency(batch: float, base_batch: float, noise_scale: float) -> float:
@@ -108,6 +111,12 @@ class ThroughputProfile:
     point per batch size, so a long stay at one batch does not drown the others; Pollux fits the
     same shape, Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost t(B) / B anywhere.
 
+    A batch size counts (in the fit and in :meth:`batches`) once ``min_steps`` of its steps were
+    timed. With one point per batch size, a single slow step would otherwise weigh as much as
+    thousands: one step at 128 that took six times a step at 16 (its first call at the new shape,
+    measured) made the fit read a constant cost per sample, and the policy went back to the
+    smallest batch for the rest of a run in which 4096 trained 50x faster.
+
     Example:
         >>> profile = ThroughputProfile()
         >>> profile.observe(batch=32, samples=3200, seconds=9.6, joules=480.0)
@@ -116,7 +125,10 @@ class ThroughputProfile:
         (0.0015, 0.09)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_steps: float = MIN_STEPS) -> None:
+        if not min_steps >= 1:
+            raise ValueError(f"ThroughputProfile: min_steps={min_steps!r} must be >= 1.")
+        self.min_steps = float(min_steps)
         self._time: dict[int, list[float]] = {}  # batch -> [steps, seconds]
         self._energy: dict[int, list[float]] = {}  # batch -> [steps, joules, seconds]
 
@@ -143,8 +155,8 @@ class ThroughputProfile:
             e[2] += seconds
 
     def batches(self, kind: str = "time") -> list[int]:
-        """Batch sizes with data, for ``kind`` ``"time"`` or ``"energy"``."""
-        return sorted(self._series(kind))
+        """Batch sizes with enough data (``min_steps`` timed steps), for ``kind`` ``"time"`` or ``"energy"``."""
+        return sorted(b for b, row in self._series(kind).items() if row[0] >= self.min_steps)
 
     def _series(self, kind: str) -> dict[int, list[float]]:
         if kind == "time":
@@ -155,11 +167,11 @@ class ThroughputProfile:
 
     def time_fit(self) -> LinearFit | None:
         """Seconds per step as alpha + beta * B; None before any observation."""
-        return fit_linear([(b, s / n) for b, (n, s) in sorted(self._time.items())])
+        return fit_linear([(b, s / n) for b, (n, s) in sorted(self._time.items()) if n >= self.min_steps])
 
     def energy_fit(self) -> LinearFit | None:
         """Joules per step as alpha + beta * B; None before any metered observation."""
-        return fit_linear([(b, j / n) for b, (n, j, _) in sorted(self._energy.items())])
+        return fit_linear([(b, j / n) for b, (n, j, _) in sorted(self._energy.items()) if n >= self.min_steps])
 
     def seconds_per_sample(self, batch: float) -> float:
         fit = self.time_fit()
@@ -171,7 +183,7 @@ class ThroughputProfile:
 
     def max_power_w(self) -> float:
         """Highest mean power (joules / seconds) seen at any batch size; nan without joules."""
-        powers = [j / s for _, j, s in self._energy.values()]
+        powers = [j / s for n, j, s in self._energy.values() if n >= self.min_steps]
         return max(powers) if powers else math.nan
 
     def state_dict(self) -> dict[str, Any]:

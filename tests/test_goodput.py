@@ -167,3 +167,64 @@ def test_make_policy_maps_config_policies() -> None:
         make_policy(ControllerConfig(policy="zeus", extra={"max_power_w": -1}))
     with pytest.raises(ValueError, match="objective='speed'"):
         GoodputPolicy("speed")
+
+
+def test_a_batch_size_counts_only_after_enough_timed_steps() -> None:
+    # Seen in a run: many steps at 16 (0.64 ms each), 8 at 32 (0.83 ms), one at 128 that took 3.9 ms
+    # (its first call at the new shape, and measured). Counting that one step as a point of the fit
+    # made the cost per sample look constant, and the policy went back to 16 for good.
+    def profile(min_steps):
+        p = ThroughputProfile() if min_steps is None else ThroughputProfile(min_steps=min_steps)
+        p.observe(16, 33 * 16, 33 * 0.64e-3, None)
+        p.observe(32, 8 * 32, 8 * 0.83e-3, None)
+        p.observe(128, 128, 3.87e-3, None)
+        return p
+
+    trusting = GoodputPolicy("time", profile=profile(min_steps=1))
+    assert trusting.profile.batches() == [16, 32, 128]
+    assert trusting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) <= 32.0  # back down
+    waiting = GoodputPolicy("time", profile=profile(min_steps=None))
+    assert waiting.profile.batches() == [16, 32]
+    fit = waiting.profile.time_fit()
+    assert fit.alpha == pytest.approx(0.45e-3) and fit.beta == pytest.approx(0.19e-3 / 16)
+    # per-step 0.45 ms + 0.012 ms/sample: B* = sqrt(phi a / b) = sqrt(1000 x 37.9) = 195
+    assert waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) == 192.0
+    with pytest.raises(ValueError, match="min_steps"):
+        ThroughputProfile(min_steps=0)
+
+
+def test_goodput_controller_leaves_each_batch_warm_up_out_of_its_profile() -> None:
+    """Simulated time: a step costs 10 ms + 0.01 ms per sample, and the first step at a new batch size
+    0.5 s more (a new shape: compilation, allocation). The optimum is B* = sqrt(phi x 1000); a
+    profile that counted the first steps would price every new batch at up to +60 ms per step."""
+    import torch
+    from torch import nn
+
+    from adabatch import AdaptiveBatchController
+
+    torch.manual_seed(0)
+    dim = 16
+    model = nn.Linear(dim, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0 / math.sqrt(dim))
+    cfg = ControllerConfig(initial_batch=16, min_batch=16, max_batch=4096, policy="goodput", min_efficiency=0)
+    ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.0), 8, cfg)
+    now = [0.0]
+    ctl.clock.seconds = lambda: now[0]
+    g = torch.Generator().manual_seed(0)
+    seen, starting = set(), True
+    while ctl.samples < 400_000:
+        if starting:
+            now[0] += 0.010 + (0.5 if ctl.batch_size not in seen else 0.0)
+            seen.add(ctl.batch_size)
+        now[0] += 0.01e-3 * 8
+        x = torch.randn(8, dim, generator=g)
+        y = math.sqrt(60.0) * torch.randn(8, generator=g)  # B_simple about 16 x 61 = 980
+        ctl.backward(0.5 * ((model(x).squeeze(1) - y) ** 2).mean())
+        starting = ctl.step()
+    profile = ctl.policy.profile
+    for batch in profile.batches():
+        steps, seconds = profile._time[batch]
+        assert seconds / steps == pytest.approx(0.010 + 0.01e-3 * batch, rel=1e-6)  # no warm-up in any point
+    optimum = math.sqrt(ctl.noise.value * 1000)
+    assert optimum / 2 <= ctl.batch_size <= 2 * optimum, (ctl.batch_size, optimum, ctl.decisions)
