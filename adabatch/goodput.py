@@ -21,6 +21,10 @@ MAX_CANDIDATES = 1024
 # A batch size joins the throughput fit once this many of its steps were timed: one step's time is
 # noise (a new shape's first call, a measured step, the machine's other work).
 MIN_STEPS = 8
+# The fit extrapolates only once the batch sizes seen span this factor: from two sizes a factor 2
+# apart, the per-sample slope is a difference of two close step times, and timing noise turns it
+# into a verdict for the smallest batch that nothing later corrects.
+EXPLORE_SPAN = 4
 
 
 def statistical_efficiency(batch: float, base_batch: float, noise_scale: float) -> float:
@@ -236,9 +240,11 @@ class GoodputPolicy(BatchPolicy):
     coefficients, so they part ways exactly where power per sample changes with the batch.
 
     Exploration: with one batch size in the profile, the single-point fit assumes a constant cost
-    per sample, under which a larger batch can only look worse, so the policy would never move.
-    Until two batch sizes are known it therefore proposes twice the current batch (half at the
-    upper bound) once the current batch has data, and the current batch before that. It returns
+    per sample, under which a larger batch can only look worse, so the policy would never move; and
+    from two sizes a factor 2 apart the slope is a small difference of two noisy step times. Until the
+    sizes seen span ``EXPLORE_SPAN`` (4x; or reach the upper bound) it therefore proposes four times
+    the current batch (half at the upper bound) once the current batch has data, and the current
+    batch before that. It returns
     nan (no opinion) while the noise scale is unknown or nothing has been observed. Candidates
     come from :func:`candidate_batches`; ties go to the smaller batch, so it is deterministic.
 
@@ -289,7 +295,7 @@ class GoodputPolicy(BatchPolicy):
         seen = [set(self.profile.batches(k)) for k in self._kinds()]
         if any(not s for s in seen):
             return math.nan
-        if any(len(s) < 2 for s in seen):
+        if any(len(s) < 2 or (max(s) < EXPLORE_SPAN * min(s) and max(s) < inp.max_batch) for s in seen):
             return self._explore(inp, seen)
         best, best_score = inp.batch, -math.inf
         for batch in candidate_batches(inp.batch, inp.granularity, inp.min_batch, inp.max_batch):
@@ -301,7 +307,7 @@ class GoodputPolicy(BatchPolicy):
     def _explore(self, inp: PolicyInput, seen: list[set[int]]) -> float:
         if any(inp.batch not in s for s in seen):
             return float(inp.batch)  # stay until the current batch has its own data point
-        up = round_to_granularity(2 * inp.batch, inp.granularity, inp.min_batch, inp.max_batch)
+        up = round_to_granularity(EXPLORE_SPAN * inp.batch, inp.granularity, inp.min_batch, inp.max_batch)
         if up != inp.batch:
             return float(up)
         return float(round_to_granularity(inp.batch / 2, inp.granularity, inp.min_batch, inp.max_batch))

@@ -127,16 +127,18 @@ def test_policy_has_no_opinion_without_noise_scale_or_data() -> None:
     assert math.isnan(GoodputPolicy("zeus", profile=time_only).propose(inp(1024.0)))
 
 
-def test_policy_explores_a_second_batch_size_before_trusting_the_fit() -> None:
+def test_policy_explores_batch_sizes_four_times_apart_before_trusting_the_fit() -> None:
     policy = GoodputPolicy("time")
-    policy.observe(32, 3200, 9.6, None)
-    assert policy.propose(inp(1024.0, batch=32)) == 64.0  # doubles once the current batch has data
+    policy.observe(32, 3200, 100 * (A_T + B_T * 32), None)
+    assert policy.propose(inp(1024.0, batch=32)) == 128.0  # x4 once the current batch has data
     assert policy.propose(inp(1024.0, batch=96)) == 96.0  # stays until this batch has data
+    policy.observe(64, 6400, 100 * (A_T + B_T * 64), None)
+    assert policy.propose(inp(1024.0, batch=64)) == 256.0  # 32 and 64 are too close to extrapolate from
     at_top = GoodputPolicy("time")
     at_top.observe(1024, 10240, 1.0, None)
     assert at_top.propose(inp(1024.0, batch=1024, max_batch=1024)) == 512.0
-    policy.observe(64, 6400, 12.8, None)
-    assert policy.propose(inp(1024.0, batch=64)) == 256.0  # two sizes known: the fitted optimum
+    policy.observe(128, 12800, 100 * (A_T + B_T * 128), None)
+    assert policy.propose(inp(1024.0, batch=128)) == 256.0  # 32 to 128 known: the fitted optimum
 
 
 def test_policy_is_deterministic_and_restores_from_state() -> None:
@@ -187,8 +189,11 @@ def test_a_batch_size_counts_only_after_enough_timed_steps() -> None:
     assert waiting.profile.batches() == [16, 32]
     fit = waiting.profile.time_fit()
     assert fit.alpha == pytest.approx(0.45e-3) and fit.beta == pytest.approx(0.19e-3 / 16)
-    # per-step 0.45 ms + 0.012 ms/sample: B* = sqrt(phi a / b) = sqrt(1000 x 37.9) = 195
-    assert waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) == 192.0
+    assert waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) == 128.0  # timing it
+    waiting.observe(128, 7 * 128, 7 * (0.45e-3 + 128 * 0.19e-3 / 16), None)  # 8 steps: the slow one and 7 more
+    assert waiting.profile.batches() == [16, 32, 128]
+    # about 0.45 ms per step + 0.012 ms per sample: B* = sqrt(phi a / b), near sqrt(1000 x 37.9) = 195
+    assert 160.0 <= waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) <= 240.0
     with pytest.raises(ValueError, match="min_steps"):
         ThroughputProfile(min_steps=0)
 
