@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import optuna
@@ -66,11 +67,20 @@ def test_workers_wait_out_a_database_outage_and_finish_the_study(tmp_path, proxi
     path = tmp_path / "outage.toml"
     path.write_text(study_text("outage", n_trials=5, budget=960, eval_every=320, heartbeat=1, grace=20, db_retry=60))
     proc = worker(path, via)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its stdout pipe from filling
     wait_for(lambda: len(finished_trials(direct, "outage")) >= 2, 120, "two finished trials")
     proxy.cut()
-    time.sleep(3)
+    # the outage lasts until the worker has met it (a fixed 3 s could fall inside one trial's training
+    # on a loaded machine, with nothing to notice), then 2 s more: it must wait, not give up
+    wait_for(lambda: any("unreachable while" in line for line in lines), 60, "the worker to notice the outage")
+    time.sleep(2)
     proxy.restore()
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "unreachable while" in err and "database back after" in err  # it noticed, waited and went on
