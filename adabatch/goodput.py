@@ -119,7 +119,7 @@ class ThroughputProfile:
     timed. With one point per batch size, a single slow step would otherwise weigh as much as
     thousands: one step at 128 that took six times a step at 16 (its first call at the new shape,
     measured) made the fit read a constant cost per sample, and the policy went back to the
-    smallest batch for the rest of a run in which 4096 trained 50x faster.
+    smallest batch for the rest of a run in which fixed batches of 4096 trained about 60x faster.
 
     Example:
         >>> profile = ThroughputProfile()
@@ -170,11 +170,11 @@ class ThroughputProfile:
         raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
 
     def time_fit(self) -> LinearFit | None:
-        """Seconds per step as alpha + beta * B; None before any observation."""
+        """Seconds per step as alpha + beta * B over the batch sizes with enough steps; None before any."""
         return fit_linear([(b, s / n) for b, (n, s) in sorted(self._time.items()) if n >= self.min_steps])
 
     def energy_fit(self) -> LinearFit | None:
-        """Joules per step as alpha + beta * B; None before any metered observation."""
+        """Joules per step as alpha + beta * B over the metered batch sizes with enough steps; None before any."""
         return fit_linear([(b, j / n) for b, (n, j, _) in sorted(self._energy.items()) if n >= self.min_steps])
 
     def seconds_per_sample(self, batch: float) -> float:
@@ -244,9 +244,9 @@ class GoodputPolicy(BatchPolicy):
     from two sizes a factor 2 apart the slope is a small difference of two noisy step times. Until the
     sizes seen span ``EXPLORE_SPAN`` (4x; or reach the upper bound) it therefore proposes four times
     the current batch (half at the upper bound) once the current batch has data, and the current
-    batch before that. It returns
-    nan (no opinion) while the noise scale is unknown or nothing has been observed. Candidates
-    come from :func:`candidate_batches`; ties go to the smaller batch, so it is deterministic.
+    batch before that. It returns nan (no opinion) while the noise scale is unknown or nothing has
+    been observed. Candidates come from :func:`candidate_batches`; ties go to the smaller batch, so
+    it is deterministic given its profile.
 
     Example:
         >>> policy = GoodputPolicy("time")
