@@ -201,6 +201,7 @@ class AdaptiveBatchController:
         self._measure_cost: float | None = None
         self._unmeasured_samples = 0  # samples trained since the estimator last heard of them
         self._window = (0, 0, 0.0, self.clock.joules())  # steps, samples, seconds, joules at the last measurement
+        self._measured_from: tuple[float, float | None] | None = None  # clocks when the measured step began
         self._warm_batch: int | None = None  # the batch whose first window (warm-up) was left out of the profile
         self._amp_found: Tensor | None = None
         self._factor_batch = -1  # step batch the cached LR factor was computed for (-1: stale)
@@ -672,6 +673,8 @@ class AdaptiveBatchController:
                                            per_example=self._per_example)
             elif ready:
                 self._norms = PieceNorms(self._params, plan.groups, den)
+            if self._norms is not None and self.config.policy != "noise":
+                self._measured_from = (self.clock.seconds(), self.clock.joules())  # the profile prices it apart
         if self._ddp:
             self.model.require_backward_grad_sync = self.planner.current.k == 1
         if self._track_memory:
@@ -745,12 +748,16 @@ class AdaptiveBatchController:
 
         if self.config.policy != "noise":
             joules = self.clock.joules()
-            if self._warm_batch == self.batch_size:
-                self.policy.observe(self.batch_size, self.samples - w_samples, max(seconds - w_seconds, 1e-9),
-                                    None if joules is None or w_joules is None else joules - w_joules)
-            else:  # the first window at a new batch (or of the run, or after a resume) pays its warm-up
-                self._warm_batch = self.batch_size
-            self._window = (self.steps, self.samples, seconds, joules)
+            m_seconds, m_joules = self._measured_from or (math.nan, None)
+            if self._warm_batch != self.batch_size:
+                self._warm_batch = self.batch_size  # the first window at a new batch (or of the run, or after a resume) pays its warm-up
+            elif w_seconds <= m_seconds <= seconds:
+                # the window: ordinary steps, then this measured one (begun at m_seconds), priced apart
+                self.policy.observe(self.batch_size, self.samples - w_samples - step_batch,
+                                    max(m_seconds - w_seconds, 1e-9), _spent(m_joules, w_joules))
+                self.policy.observe(self.batch_size, step_batch, max(seconds - m_seconds, 1e-9),
+                                    _spent(joules, m_joules), measured=True)
+        self._measured_from = None
         est = self.estimator.estimate()
         self.telemetry.measured(self.steps - 1, (est.value, est.grad_sq, est.trace, est.low, est.high),
                                 self.clock.joules(), getattr(self.energy_meter, "source", None))
@@ -759,6 +766,9 @@ class AdaptiveBatchController:
         self._schedule_next_measurement(self._measure_work, step_seconds)
         if timing:  # this decision's time joins the next measurement's work (all-reduced with it under DDP)
             self._decision_seconds = time.perf_counter() - t_start
+        if self.config.policy != "noise":
+            # the next window starts now: deciding (a goodput proposal fits the profile) is no training step's cost
+            self._window = (self.steps, self.samples, self.clock.seconds(), self.clock.joules())
 
     def _decide(self, est: NoiseEstimate) -> None:
         if self.progress is not None and self.progress.rising:
@@ -860,6 +870,11 @@ class AdaptiveBatchController:
         except (AttributeError, KeyError, TypeError):
             return
         self._amp_found = found if self._amp_found is None else self._amp_found + found
+
+
+def _spent(end: float | None, start: float | None) -> float | None:
+    """Joules between two meter readings; None without a meter."""
+    return None if end is None or start is None else end - start
 
 
 def _is_int(value: Any) -> bool:

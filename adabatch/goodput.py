@@ -9,11 +9,14 @@ These policies read wall time (and joules), so a run that uses them is not repro
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from adabatch.policy import BatchPolicy, PolicyInput, round_to_granularity
+
+log = logging.getLogger("adabatch")
 
 OBJECTIVES = ("time", "energy", "zeus")
 # Above this many multiples of the granularity, candidates are a geometric grid instead.
@@ -25,6 +28,10 @@ MIN_STEPS = 8
 # apart, the per-sample slope is a difference of two close step times, and timing noise turns it
 # into a verdict for the smallest batch that nothing later corrects.
 EXPLORE_SPAN = 4
+# Per batch size and kind of step, the profile prices a step from the median over its most recent
+# windows (at least MIN_WINDOWS of them): a mean lets one disturbed window set the price.
+KEEP_WINDOWS = 64
+MIN_WINDOWS = 3
 
 
 def statistical_efficiency(batch: float, base_batch: float, noise_scale: float) -> float:
@@ -109,35 +116,60 @@ def _tidy(value: float) -> float:
 class ThroughputProfile:
     """Seconds and joules per step at each batch size seen, with a linear model to extrapolate.
 
-    Each :meth:`observe` adds a window of steps run at one batch. Per batch the profile keeps the
-    number of steps and their total seconds (and joules, from windows that have them), fits
-    per-step cost t(B) = alpha + beta * B over the batch sizes seen with :func:`fit_linear` (one
-    point per batch size, so a long stay at one batch does not drown the others; Pollux fits the
-    same shape, Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost t(B) / B anywhere.
+    Each :meth:`observe` adds a run of steps at one batch, either ordinary training steps or the
+    controller's measured steps (``measured=True``). Per batch the profile keeps, for each kind, the
+    number of steps and their total seconds (and joules, from windows that have them), fits per-step
+    cost t(B) = alpha + beta * B over the batch sizes seen with :func:`fit_linear` (one point per
+    batch size, so a long stay at one batch does not drown the others; Pollux fits the same shape,
+    Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost t(B) / B anywhere.
 
-    A batch size counts (in the fit and in :meth:`batches`) once ``min_steps`` of its steps were
-    timed. With one point per batch size, a single slow step would otherwise weigh as much as
+    What is fitted is the cost of *training*; measured steps are kept apart because they are not
+    a property of the batch. On a small model a measured step (split into pieces, norm hooks, one
+    read-back) costs several times an ordinary one, and the controller measures every ``S`` samples,
+    so a large batch is measured on a larger share of its steps: a profile that averaged both
+    kinds charged large batches for the estimator's work, and on linear regression it kept the
+    goodput policy at batch 16 while fixed batches of 4096 trained about 70x faster. Per sample,
+    measuring costs the same at every batch that is not measured on every step, so it does not
+    bear on which batch trains fastest. A batch size that has only measured steps (every step is
+    measured while the batch exceeds ``S``) gets its training cost as its measured cost less the
+    extra cost of a measured step, fitted as alpha + beta * B over the batch sizes timed both ways
+    (none, while that difference is not positive); until one size is timed both ways, the profile
+    has no way to tell the two apart and fits the mean over all steps.
+
+    A batch size counts (in the fit and in :meth:`batches`) once ``min_steps`` of its steps of a kind
+    were timed. With one point per batch size, a single slow step would otherwise weigh as much as
     thousands: one step at 128 that took six times a step at 16 (its first call at the new shape,
     measured) made the fit read a constant cost per sample, and the policy went back to the
-    smallest batch for the rest of a run in which fixed batches of 4096 trained about 60x faster.
+    smallest batch for the rest of a run.
 
     Example:
         >>> profile = ThroughputProfile()
-        >>> profile.observe(batch=32, samples=3200, seconds=9.6, joules=480.0)
-        >>> profile.observe(batch=64, samples=6400, seconds=12.8, joules=704.0)
+        >>> for window in range(3):  # steps between measurements, 100 at a time
+        ...     profile.observe(batch=32, samples=3200, seconds=9.6, joules=480.0)
+        ...     profile.observe(batch=64, samples=6400, seconds=12.8, joules=704.0)
         >>> round(profile.seconds_per_sample(128), 6), round(profile.joules_per_sample(128), 6)
         (0.0015, 0.09)
     """
 
-    def __init__(self, min_steps: float = MIN_STEPS) -> None:
+    KINDS = ("time", "energy")
+
+    def __init__(self, min_steps: float = MIN_STEPS, min_windows: int = MIN_WINDOWS) -> None:
         if not min_steps >= 1:
             raise ValueError(f"ThroughputProfile: min_steps={min_steps!r} must be >= 1.")
-        self.min_steps = float(min_steps)
-        self._time: dict[int, list[float]] = {}  # batch -> [steps, seconds]
-        self._energy: dict[int, list[float]] = {}  # batch -> [steps, joules, seconds]
+        if not (isinstance(min_windows, int) and min_windows >= 1):
+            raise ValueError(f"ThroughputProfile: min_windows={min_windows!r} must be an integer >= 1.")
+        self.min_steps, self.min_windows = float(min_steps), min_windows
+        # kind -> (batch, measured) -> [steps in all, windows seen, recent windows as [steps, cost]]
+        self._cost: dict[str, dict[tuple[int, bool], list[Any]]] = {kind: {} for kind in self.KINDS}
+        self._metered: dict[int, list[float]] = {}  # batch -> [joules, seconds] of the windows that have joules
 
-    def observe(self, batch: int, samples: int, seconds: float, joules: float | None = None) -> None:
-        """Add ``samples`` trained at ``batch`` in ``seconds`` (and ``joules``, if metered)."""
+    def observe(self, batch: int, samples: int, seconds: float, joules: float | None = None,
+                measured: bool = False) -> None:
+        """Add ``samples`` trained at ``batch`` in ``seconds`` (and ``joules``, if metered).
+
+        ``measured``: the steps were the controller's measured steps, whose extra cost is the
+        estimator's and is kept out of the training cost the policies compare.
+        """
         if not batch > 0:
             raise ValueError(f"ThroughputProfile.observe: batch={batch!r} must be > 0.")
         if samples == 0:
@@ -149,33 +181,62 @@ class ThroughputProfile:
             raise ValueError(f"ThroughputProfile.observe: joules={joules!r} must be finite and >= 0, "
                              "or None when no meter is attached.")
         steps = samples / batch
-        t = self._time.setdefault(int(batch), [0.0, 0.0])
-        t[0] += steps
-        t[1] += seconds
+        for kind, cost in (("time", seconds), ("energy", joules)):
+            if cost is not None:
+                row = self._cost[kind].setdefault((int(batch), bool(measured)), [0.0, 0, []])
+                row[0] += steps
+                row[1] += 1
+                row[2].append([steps, float(cost)])
+                del row[2][:-KEEP_WINDOWS]
         if joules is not None:
-            e = self._energy.setdefault(int(batch), [0.0, 0.0, 0.0])
-            e[0] += steps
-            e[1] += joules
-            e[2] += seconds
+            metered = self._metered.setdefault(int(batch), [0.0, 0.0])
+            metered[0] += joules
+            metered[1] += seconds
+
+    def _check_kind(self, kind: str) -> dict[tuple[int, bool], list[Any]]:
+        if kind not in self.KINDS:
+            raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
+        return self._cost[kind]
+
+    def _per_step(self, rows: list[list[Any]]) -> dict[int, float]:
+        """Median cost of one step per batch size, over windows; sizes with too little data are left out."""
+        out: dict[int, list[list[float]]] = {}
+        for (batch, _), (steps, windows, recent) in rows:
+            have = out.setdefault(batch, [0.0, 0, []])
+            have[0] += steps
+            have[1] += windows
+            have[2].extend(recent)
+        return {b: _weighted_median(recent) for b, (steps, windows, recent) in sorted(out.items())
+                if steps >= self.min_steps and windows >= self.min_windows}
+
+    def step_costs(self, kind: str = "time") -> dict[int, float]:
+        """Training cost of one step at each batch size with enough data (seconds or joules)."""
+        rows = self._check_kind(kind)
+        plain = self._per_step([(key, row) for key, row in rows.items() if not key[1]])
+        measured = self._per_step([(key, row) for key, row in rows.items() if key[1]])
+        if set(measured) <= set(plain):
+            return plain
+        extra = fit_linear([(b, max(measured[b] - plain[b], 0.0)) for b in sorted(set(plain) & set(measured))])
+        if extra is None:  # no batch size timed both ways: the measured share cannot be told apart
+            return self._per_step(list(rows.items()))
+        out = dict(plain)
+        for b in measured.keys() - plain.keys():
+            training = measured[b] - extra.per_step(b)
+            if training > 0:  # else the extrapolated extra cost is not to be trusted here: no price yet
+                out[b] = training
+        return dict(sorted(out.items()))
 
     def batches(self, kind: str = "time") -> list[int]:
         """Batch sizes with enough data (``min_steps`` timed steps), for ``kind`` ``"time"`` or ``"energy"``."""
-        return sorted(b for b, row in self._series(kind).items() if row[0] >= self.min_steps)
-
-    def _series(self, kind: str) -> dict[int, list[float]]:
-        if kind == "time":
-            return self._time
-        if kind == "energy":
-            return self._energy
-        raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
+        return list(self.step_costs(kind))
 
     def time_fit(self) -> LinearFit | None:
-        """Seconds per step as alpha + beta * B over the batch sizes with enough steps; None before any."""
-        return fit_linear([(b, s / n) for b, (n, s) in sorted(self._time.items()) if n >= self.min_steps])
+        """Training seconds per step as alpha + beta * B over the batch sizes with enough steps; None before any."""
+        return fit_linear(list(self.step_costs("time").items()))
 
     def energy_fit(self) -> LinearFit | None:
-        """Joules per step as alpha + beta * B over the metered batch sizes with enough steps; None before any."""
-        return fit_linear([(b, j / n) for b, (n, j, _) in sorted(self._energy.items()) if n >= self.min_steps])
+        """Training joules per step as alpha + beta * B over the metered batch sizes with enough steps; None before any."""
+        return fit_linear(list(self.step_costs("energy").items()))
 
     def seconds_per_sample(self, batch: float) -> float:
         fit = self.time_fit()
@@ -187,16 +248,35 @@ class ThroughputProfile:
 
     def max_power_w(self) -> float:
         """Highest mean power (joules / seconds) seen at any batch size; nan without joules."""
-        powers = [j / s for n, j, s in self._energy.values() if n >= self.min_steps]
+        powers = [j / s for j, s in self._metered.values() if s > 0]
         return max(powers) if powers else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        return {"time": [[b, *v] for b, v in sorted(self._time.items())],
-                "energy": [[b, *v] for b, v in sorted(self._energy.items())]}
+        return {kind: [[b, measured, *row] for (b, measured), row in sorted(self._cost[kind].items())]
+                for kind in self.KINDS} | {"metered": [[b, *v] for b, v in sorted(self._metered.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._time = {int(row[0]): [float(v) for v in row[1:]] for row in state["time"]}
-        self._energy = {int(row[0]): [float(v) for v in row[1:]] for row in state["energy"]}
+        if "metered" not in state:  # saved before measured steps were priced apart: a mix of both kinds
+            log.warning("adabatch: the throughput profile in this checkpoint predates the separate pricing of "
+                        "measured steps; the goodput policy starts a new profile (it re-times its batch sizes).")
+            self.__init__(self.min_steps, self.min_windows)
+            return
+        for kind in self.KINDS:
+            self._cost[kind] = {(int(b), bool(m)): [float(steps), int(windows), [[float(n), float(c)] for n, c in recent]]
+                                for b, m, steps, windows, recent in state[kind]}
+        self._metered = {int(b): [float(j), float(s)] for b, j, s in state["metered"]}
+
+
+def _weighted_median(windows: list[list[float]]) -> float:
+    """Median of per-step cost over windows, each weighted by its steps: one window slowed by
+    something else on the machine (a collection, a preempted core) moves it little."""
+    ordered = sorted(windows, key=lambda w: w[1] / w[0])
+    half, acc = 0.5 * sum(n for n, _ in ordered), 0.0
+    for n, cost in ordered:
+        acc += n
+        if acc >= half:
+            return cost / n
+    return ordered[-1][1] / ordered[-1][0]
 
 
 def candidate_batches(current: int, granularity: int, min_batch: int, max_batch: int,
@@ -250,8 +330,9 @@ class GoodputPolicy(BatchPolicy):
 
     Example:
         >>> policy = GoodputPolicy("time")
-        >>> for batch in (32, 64):  # per-step seconds 0.064 + 0.001 * batch, 100 steps each
-        ...     policy.observe(batch, 100 * batch, 100 * (0.064 + 0.001 * batch), None)
+        >>> for batch in (32, 64):  # per-step seconds 0.064 + 0.001 * batch, 3 windows of 100 steps each
+        ...     for window in range(3):
+        ...         policy.observe(batch, 100 * batch, 100 * (0.064 + 0.001 * batch), None)
         >>> policy.propose(PolicyInput(step=200, batch=64, base_batch=32, noise_scale=1024.0,
         ...                            granularity=32, min_batch=32, max_batch=1024))
         256.0
@@ -271,23 +352,37 @@ class GoodputPolicy(BatchPolicy):
         self.max_power_w = max_power_w
         self.profile = profile if profile is not None else ThroughputProfile()
 
-    def observe(self, batch: int, samples: int, seconds: float, joules: float | None) -> None:
-        self.profile.observe(batch, samples, seconds, joules)
+    def observe(self, batch: int, samples: int, seconds: float, joules: float | None,
+                measured: bool = False) -> None:
+        self.profile.observe(batch, samples, seconds, joules, measured)
 
     def _kinds(self) -> tuple[str, ...]:
         return {"time": ("time",), "energy": ("energy",), "zeus": ("time", "energy")}[self.objective]
 
     def score(self, batch: int, base_batch: int, noise_scale: float) -> float:
         """Higher is better: progress per second or per joule, or minus Zeus cost per progress."""
-        eff = statistical_efficiency(batch, base_batch, noise_scale)
-        if self.objective == "time":
-            return eff / self.profile.seconds_per_sample(batch)
-        if self.objective == "energy":
-            return eff / self.profile.joules_per_sample(batch)
+        return self._scorer(base_batch, noise_scale)(batch)
+
+    def _scorer(self, base_batch: int, noise_scale: float) -> Callable[[int], float]:
+        """:meth:`score` at any batch, with the profile's fits taken once (a proposal scores up to
+        ``MAX_CANDIDATES`` batches)."""
+        time_fit = self.profile.time_fit() if self.objective != "energy" else None
+        energy_fit = self.profile.energy_fit() if self.objective != "time" else None
         power = self.max_power_w if self.max_power_w is not None else self.profile.max_power_w()
-        cost = (self.eta * self.profile.joules_per_sample(batch)
-                + (1.0 - self.eta) * power * self.profile.seconds_per_sample(batch))
-        return -cost / eff
+
+        def per_sample(fit: LinearFit | None, batch: int) -> float:
+            return math.nan if fit is None else fit.per_sample(batch)
+
+        def score(batch: int) -> float:
+            eff = statistical_efficiency(batch, base_batch, noise_scale)
+            if self.objective == "time":
+                return eff / per_sample(time_fit, batch)
+            if self.objective == "energy":
+                return eff / per_sample(energy_fit, batch)
+            cost = self.eta * per_sample(energy_fit, batch) + (1.0 - self.eta) * power * per_sample(time_fit, batch)
+            return -cost / eff
+
+        return score
 
     def propose(self, inp: PolicyInput) -> float:
         if not (math.isfinite(inp.noise_scale) and inp.noise_scale >= 0):
@@ -297,9 +392,9 @@ class GoodputPolicy(BatchPolicy):
             return math.nan
         if any(len(s) < 2 or (max(s) < EXPLORE_SPAN * min(s) and max(s) < inp.max_batch) for s in seen):
             return self._explore(inp, seen)
-        best, best_score = inp.batch, -math.inf
+        best, best_score, score = inp.batch, -math.inf, self._scorer(inp.base_batch, inp.noise_scale)
         for batch in candidate_batches(inp.batch, inp.granularity, inp.min_batch, inp.max_batch):
-            s = self.score(batch, inp.base_batch, inp.noise_scale)
+            s = score(batch)
             if s > best_score:
                 best, best_score = batch, s
         return float(best)

@@ -37,8 +37,10 @@ class BatchPolicy(abc.ABC):
     def propose(self, inp: PolicyInput) -> float:
         """Return the target effective batch (samples); nan means "no opinion yet"."""
 
-    def observe(self, batch: int, samples: int, seconds: float, joules: float | None) -> None:
-        """Learn from a window of steps run at ``batch``. Policies without a profile ignore it."""
+    def observe(self, batch: int, samples: int, seconds: float, joules: float | None,
+                measured: bool = False) -> None:
+        """Learn from steps run at ``batch`` (``measured``: the controller's measured steps).
+        Policies without a profile ignore it."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -18,10 +18,19 @@ A_T, B_T = 0.064, 0.001
 A_E, B_E = 4.0, 1.0
 
 
+def observe(target, batch: int, samples: int, seconds: float, joules: float | None = None,
+            measured: bool = False, windows: int = 4) -> None:
+    """``samples`` at ``batch`` seen as ``windows`` equal windows between measurements (the profile
+    prices a batch size from the median over at least three)."""
+    for _ in range(windows):
+        target.observe(batch, samples / windows, seconds / windows,
+                       None if joules is None else joules / windows, measured)
+
+
 def synthetic_profile(batches=(32, 64, 128), steps: int = 50) -> ThroughputProfile:
     profile = ThroughputProfile()
     for batch in batches:
-        profile.observe(batch, steps * batch, steps * (A_T + B_T * batch), steps * (A_E + B_E * batch))
+        observe(profile, batch, steps * batch, steps * (A_T + B_T * batch), steps * (A_E + B_E * batch))
     return profile
 
 
@@ -71,7 +80,7 @@ def test_profile_predicts_unseen_batches_and_survives_a_state_round_trip() -> No
 
 def test_profile_with_one_batch_assumes_constant_cost_per_sample() -> None:
     profile = ThroughputProfile()
-    profile.observe(64, 6400, 2.0, None)
+    observe(profile, 64, 6400, 2.0, None)
     assert profile.seconds_per_sample(64) == profile.seconds_per_sample(4096) == pytest.approx(2.0 / 6400)
     assert math.isnan(profile.joules_per_sample(64)) and math.isnan(profile.max_power_w())
 
@@ -122,22 +131,22 @@ def test_policy_has_no_opinion_without_noise_scale_or_data() -> None:
     assert math.isnan(GoodputPolicy("time").propose(inp(1024.0)))
     time_only = ThroughputProfile()
     for batch in (32, 64):
-        time_only.observe(batch, 100 * batch, 1.0, None)
+        observe(time_only, batch, 100 * batch, 1.0, None)
     assert math.isnan(GoodputPolicy("energy", profile=time_only).propose(inp(1024.0)))
     assert math.isnan(GoodputPolicy("zeus", profile=time_only).propose(inp(1024.0)))
 
 
 def test_policy_explores_batch_sizes_four_times_apart_before_trusting_the_fit() -> None:
     policy = GoodputPolicy("time")
-    policy.observe(32, 3200, 100 * (A_T + B_T * 32), None)
+    observe(policy, 32, 3200, 100 * (A_T + B_T * 32), None)
     assert policy.propose(inp(1024.0, batch=32)) == 128.0  # x4 once the current batch has data
     assert policy.propose(inp(1024.0, batch=96)) == 96.0  # stays until this batch has data
-    policy.observe(64, 6400, 100 * (A_T + B_T * 64), None)
+    observe(policy, 64, 6400, 100 * (A_T + B_T * 64), None)
     assert policy.propose(inp(1024.0, batch=64)) == 256.0  # 32 and 64 are too close to extrapolate from
     at_top = GoodputPolicy("time")
-    at_top.observe(1024, 10240, 1.0, None)
+    observe(at_top, 1024, 10240, 1.0, None)
     assert at_top.propose(inp(1024.0, batch=1024, max_batch=1024)) == 512.0
-    policy.observe(128, 12800, 100 * (A_T + B_T * 128), None)
+    observe(policy, 128, 12800, 100 * (A_T + B_T * 128), None)
     assert policy.propose(inp(1024.0, batch=128)) == 256.0  # 32 to 128 known: the fitted optimum
 
 
@@ -176,9 +185,9 @@ def test_a_batch_size_counts_only_after_enough_timed_steps() -> None:
     # (its first call at the new shape, and measured). Counting that one step as a point of the fit
     # made the cost per sample look constant, and the policy went back to 16 for good.
     def profile(min_steps):
-        p = ThroughputProfile() if min_steps is None else ThroughputProfile(min_steps=min_steps)
-        p.observe(16, 33 * 16, 33 * 0.64e-3, None)
-        p.observe(32, 8 * 32, 8 * 0.83e-3, None)
+        p = ThroughputProfile() if min_steps is None else ThroughputProfile(min_steps=min_steps, min_windows=1)
+        observe(p, 16, 33 * 16, 33 * 0.64e-3, None, windows=33)  # one window per step
+        observe(p, 32, 8 * 32, 8 * 0.83e-3, None, windows=8)
         p.observe(128, 128, 3.87e-3, None)
         return p
 
@@ -190,18 +199,30 @@ def test_a_batch_size_counts_only_after_enough_timed_steps() -> None:
     fit = waiting.profile.time_fit()
     assert fit.alpha == pytest.approx(0.45e-3) and fit.beta == pytest.approx(0.19e-3 / 16)
     assert waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) == 128.0  # timing it
-    waiting.observe(128, 7 * 128, 7 * (0.45e-3 + 128 * 0.19e-3 / 16), None)  # 8 steps: the slow one and 7 more
+    observe(waiting, 128, 7 * 128, 7 * (0.45e-3 + 128 * 0.19e-3 / 16), None, windows=7)  # 8 steps: the slow one and 7 more
     assert waiting.profile.batches() == [16, 32, 128]
     # about 0.45 ms per step + 0.012 ms per sample: B* = sqrt(phi a / b), near sqrt(1000 x 37.9) = 195
     assert 160.0 <= waiting.propose(inp(1000.0, batch=128, granularity=16, min_batch=16, base_batch=16)) <= 240.0
     with pytest.raises(ValueError, match="min_steps"):
         ThroughputProfile(min_steps=0)
+    with pytest.raises(ValueError, match="min_windows"):
+        ThroughputProfile(min_windows=0)
 
 
-def test_goodput_controller_leaves_each_batch_warm_up_out_of_its_profile() -> None:
-    """Simulated time: a step costs 10 ms + 0.01 ms per sample, and the first step at a new batch size
-    0.5 s more (a new shape: compilation, allocation). The optimum is B* = sqrt(phi x 1000); a
-    profile that counted the first steps would price every new batch at up to +60 ms per step."""
+def test_a_disturbed_window_moves_the_price_of_a_step_little() -> None:
+    # nine windows of 8 steps at 0.5 ms, one in which something else held the core for 66 ms
+    profile = ThroughputProfile()
+    observe(profile, 656, 9 * 8 * 656, 9 * 8 * 0.5e-3, None, windows=9)
+    profile.observe(656, 8 * 656, 8 * 0.5e-3 + 0.066, None)
+    assert profile.step_costs() == {656: pytest.approx(0.5e-3)}
+    assert ThroughputProfile(min_windows=11).step_costs() == {}
+
+
+def _simulated_goodput_run(measured_extra: float, deciding: float = 0.0):
+    """Simulated time: a step costs 10 ms + 0.01 ms per sample, the first step at a new batch size
+    0.5 s more (a new shape: compilation, allocation), a measured step ``measured_extra`` more
+    (the estimator's work), and each proposal of the policy ``deciding``. Returns the controller
+    after 400k samples of linear regression."""
     import torch
     from torch import nn
 
@@ -216,20 +237,85 @@ def test_goodput_controller_leaves_each_batch_warm_up_out_of_its_profile() -> No
     ctl = AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.0), 8, cfg)
     now = [0.0]
     ctl.clock.seconds = lambda: now[0]
+    propose = ctl.policy.propose
+
+    def slow_propose(inp):
+        now[0] += deciding
+        return propose(inp)
+
+    ctl.policy.propose = slow_propose
     g = torch.Generator().manual_seed(0)
     seen, starting = set(), True
     while ctl.samples < 400_000:
         if starting:
             now[0] += 0.010 + (0.5 if ctl.batch_size not in seen else 0.0)
+            now[0] += measured_extra if ctl._norms is not None else 0.0
             seen.add(ctl.batch_size)
         now[0] += 0.01e-3 * 8
         x = torch.randn(8, dim, generator=g)
         y = math.sqrt(60.0) * torch.randn(8, generator=g)  # B_simple about 16 x 61 = 980
         ctl.backward(0.5 * ((model(x).squeeze(1) - y) ** 2).mean())
         starting = ctl.step()
-    profile = ctl.policy.profile
-    for batch in profile.batches():
-        steps, seconds = profile._time[batch]
-        assert seconds / steps == pytest.approx(0.010 + 0.01e-3 * batch, rel=1e-6)  # no warm-up in any point
+    return ctl
+
+
+def test_goodput_controller_leaves_each_batch_warm_up_out_of_its_profile() -> None:
+    """The optimum is B* = sqrt(phi x 1000); a profile that counted the first steps would price
+    every new batch at up to +60 ms per step."""
+    ctl = _simulated_goodput_run(measured_extra=0.0)
+    costs = ctl.policy.profile.step_costs()
+    assert len(costs) >= 2
+    for batch, seconds in costs.items():
+        assert seconds == pytest.approx(0.010 + 0.01e-3 * batch, rel=1e-6)  # no warm-up in any point
     optimum = math.sqrt(ctl.noise.value * 1000)
     assert optimum / 2 <= ctl.batch_size <= 2 * optimum, (ctl.batch_size, optimum, ctl.decisions)
+
+
+def test_goodput_controller_prices_measured_steps_apart_from_training() -> None:
+    """A measured step costs 40 ms more than an ordinary one (a small model, where the estimator's
+    hooks and read-back dwarf the arithmetic). The controller measures every so many samples, so the
+    larger the batch, the larger the share of its steps that is measured: averaged together, the
+    profile charged large batches for the estimator's work. Kept apart, every batch size is priced
+    at its training cost, and the batch lands near the same optimum as without the extra cost. Each
+    decision also takes 20 ms (fitting the profile); that is the controller's time, not a step's."""
+    ctl = _simulated_goodput_run(measured_extra=0.040, deciding=0.020)
+    profile = ctl.policy.profile
+    costs = profile.step_costs()
+    assert len(costs) >= 2
+    for batch, seconds in costs.items():
+        assert seconds == pytest.approx(0.010 + 0.01e-3 * batch, rel=0.05), (batch, seconds)
+    optimum = math.sqrt(ctl.noise.value * 1000)
+    assert optimum / 2 <= ctl.batch_size <= 2 * optimum, (ctl.batch_size, optimum, ctl.decisions)
+    # what the steps cost on average, measured ones included, is well above the training cost
+    windows = {b: [w for (size, _), row in profile._cost["time"].items() if size == b for w in row[2]] for b in costs}
+    mixed = {b: sum(c for _, c in ws) / sum(n for n, _ in ws) for b, ws in windows.items()}
+    assert max(mixed[b] / costs[b] for b in costs) > 1.5, mixed
+
+
+def test_profile_prices_batches_measured_on_every_step_from_the_measured_extra_cost() -> None:
+    # training 10 ms + 0.01 ms/sample; a measured step 40 ms + 0.005 ms/sample more
+    def train(b):
+        return 0.010 + 0.01e-3 * b
+
+    def extra(b):
+        return 0.040 + 0.005e-3 * b
+
+    profile = ThroughputProfile()
+    for batch in (16, 64):  # timed both ways
+        observe(profile, batch, 80 * batch, 80 * train(batch), None)
+        observe(profile, batch, 10 * batch, 10 * (train(batch) + extra(batch)), None, measured=True)
+    observe(profile, 1024, 20 * 1024, 20 * (train(1024) + extra(1024)), None, measured=True)  # every step measured
+    costs = profile.step_costs()
+    assert list(costs) == [16, 64, 1024]
+    for batch, seconds in costs.items():
+        assert seconds == pytest.approx(train(batch), rel=1e-9)
+    only_measured = ThroughputProfile()  # nothing timed both ways: nothing to subtract, so the mean of all steps
+    observe(only_measured, 256, 10 * 256, 10 * 0.03, None, measured=True)
+    observe(only_measured, 1024, 10 * 1024, 10 * 0.05, None, measured=True)
+    assert only_measured.step_costs() == {256: pytest.approx(0.03), 1024: pytest.approx(0.05)}
+    restored = ThroughputProfile()
+    restored.load_state_dict(json.loads(json.dumps(profile.state_dict())))
+    assert restored.step_costs() == costs
+    # a profile saved before the two kinds were kept apart cannot be split: a new profile starts
+    restored.load_state_dict({"time": [[64, 100.0, 0.5]], "energy": []})
+    assert restored.step_costs() == {} and restored.batches() == []
