@@ -699,12 +699,14 @@ class AdaptiveBatchController:
     def _flush(self, measurement: Tensor, step_batch: int) -> None:
         """The one read-back of a measured step: fold the measurement in, decide, emit records."""
         timing = self.config.measure_budget is not None
-        seconds = self.clock.seconds() if timing or self.config.policy != "noise" else 0.0
+        profiled = self.config.policy != "noise"
+        seconds = self.clock.seconds() if timing or profiled else 0.0
         w_steps, w_samples, w_seconds, w_joules = self._window
         step_seconds = (seconds - w_seconds) / max(self.steps - w_steps, 1)
+        window = self._profile_window(seconds, w_seconds, w_joules) if profiled else []
         if self.world_size > 1:
             # every rank must take the same decision: average the measurement (and timings) over ranks
-            extra = [self._measure_work, step_seconds] if timing else []
+            extra = ([self._measure_work, step_seconds] if timing else []) + window
             if extra:
                 measurement = torch.cat([measurement, torch.tensor(extra, dtype=measurement.dtype,
                                                                    device=measurement.device)])
@@ -716,7 +718,9 @@ class AdaptiveBatchController:
                 measurement[first:norms_end] *= self.world_size
             torch.distributed.all_reduce(measurement, group=self.process_group)
             measurement /= self.world_size
-        values = measurement.tolist()  # [pieces..., total, (AMP scale), (work, step seconds)]
+        values = measurement.tolist()  # [pieces..., total, (AMP scale), (work, step seconds), (profile window)]
+        if self.world_size > 1 and window:
+            window, values = values[-len(window):], values[:-len(window)]
         if timing:
             if self.world_size > 1:
                 self._measure_work, step_seconds = values[-2:]
@@ -746,17 +750,12 @@ class AdaptiveBatchController:
             self.estimator.advance(step_batch)
         self._factor_batch = -1  # AdaScale's gain moves with the estimate
 
-        if self.config.policy != "noise":
-            joules = self.clock.joules()
-            m_seconds, m_joules = self._measured_from or (math.nan, None)
-            if self._warm_batch != self.batch_size:
-                self._warm_batch = self.batch_size  # the first window at a new batch (or of the run, or after a resume) pays its warm-up
-            elif w_seconds <= m_seconds <= seconds:
-                # the window: ordinary steps, then this measured one (begun at m_seconds), priced apart
-                self.policy.observe(self.batch_size, self.samples - w_samples - step_batch,
-                                    max(m_seconds - w_seconds, 1e-9), _spent(m_joules, w_joules))
-                self.policy.observe(self.batch_size, step_batch, max(seconds - m_seconds, 1e-9),
-                                    _spent(joules, m_joules), measured=True)
+        if window and not any(math.isnan(v) for v in window[:2]):
+            plain_s, measured_s, plain_j, measured_j = window
+            self.policy.observe(self.batch_size, self.samples - w_samples - step_batch, max(plain_s, 1e-9),
+                                None if math.isnan(plain_j) else plain_j)
+            self.policy.observe(self.batch_size, step_batch, max(measured_s, 1e-9),
+                                None if math.isnan(measured_j) else measured_j, measured=True)
         self._measured_from = None
         est = self.estimator.estimate()
         self.telemetry.measured(self.steps - 1, (est.value, est.grad_sq, est.trace, est.low, est.high),
@@ -769,6 +768,23 @@ class AdaptiveBatchController:
         if self.config.policy != "noise":
             # the next window starts now: deciding (a goodput proposal fits the profile) is no training step's cost
             self._window = (self.steps, self.samples, self.clock.seconds(), self.clock.joules())
+
+    def _profile_window(self, seconds: float, w_seconds: float, w_joules: float | None) -> list[float]:
+        """Seconds and joules of the window ending at this measured step, for the throughput profile:
+        [ordinary steps' seconds, the measured step's seconds, their joules], nan where unknown (all
+        nan for a batch's first window, its warm-up). Under DDP every rank averages them, so every
+        rank's profile, and decision, is the same."""
+        nan = [math.nan] * 4
+        m_seconds, m_joules = self._measured_from or (math.nan, None)
+        if self._warm_batch != self.batch_size:
+            self._warm_batch = self.batch_size  # the first window at a new batch (or of the run, or after a resume) pays its warm-up
+            return nan
+        if not w_seconds <= m_seconds <= seconds:
+            return nan
+        joules = self.clock.joules()
+        plain_j, measured_j = _spent(m_joules, w_joules), _spent(joules, m_joules)
+        return [m_seconds - w_seconds, seconds - m_seconds,
+                math.nan if plain_j is None else plain_j, math.nan if measured_j is None else measured_j]
 
     def _decide(self, est: NoiseEstimate) -> None:
         if self.progress is not None and self.progress.rising:

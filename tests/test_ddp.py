@@ -58,7 +58,15 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
             timed.backward(0.5 * ((ddp(x).squeeze(1) - y) ** 2).mean())
             timed.step()
         timed.flush()
+        # the opt-in goodput policy prices batches from each rank's clock; the ranks share one profile
+        goodput = AdaptiveBatchController(ddp, opt, MICRO, ControllerConfig(**{**CFG, "policy": "goodput"}))
+        while goodput.steps < 600:
+            x, y = next(data)
+            goodput.backward(0.5 * ((ddp(x).squeeze(1) - y) ** 2).mean())
+            goodput.step()
+        goodput.flush()
         torch.save({"trajectory": trajectory, "weight": ddp.module.weight.detach().clone(),
+                    "goodput": [r.batch for r in goodput.history], "profile": goodput.policy.profile.state_dict(),
                     "noise": ctl.noise_scale, "granularity": ctl.granularity,
                     "timed": [(r.batch, r.measured) for r in timed.history],
                     "interval": timed.measure_interval}, f"{out}/rank{rank}.pt")
@@ -82,4 +90,6 @@ def test_ddp_ranks_agree_on_every_decision_and_on_the_weights(tmp_path):
     assert 0.7 * exact < r0["noise"] < 1.3 * exact
     assert r0["noise"] == r1["noise"]
     assert r0["timed"] == r1["timed"] and r0["interval"] == r1["interval"]
+    assert r0["goodput"] == r1["goodput"] and r0["profile"] == r1["profile"]
+    assert r0["profile"]["time"], "the goodput profile should have timed some steps"
     assert r0["interval"] > 1, "measuring a 16-weight model costs more than 0.5 % of its steps"
