@@ -116,31 +116,34 @@ def _tidy(value: float) -> float:
 class ThroughputProfile:
     """Seconds and joules per step at each batch size seen, with a linear model to extrapolate.
 
-    Each :meth:`observe` adds a run of steps at one batch, either ordinary training steps or the
-    controller's measured steps (``measured=True``). Per batch the profile keeps, for each kind, the
-    number of steps and their total seconds (and joules, from windows that have them), fits per-step
-    cost t(B) = alpha + beta * B over the batch sizes seen with :func:`fit_linear` (one point per
-    batch size, so a long stay at one batch does not drown the others; Pollux fits the same shape,
-    Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost t(B) / B anywhere.
+    Each :meth:`observe` adds a window of steps at one batch: the ordinary training steps between
+    two measurements, or the controller's measured step (``measured=True``). Per batch size and kind
+    of step the profile keeps the most recent ``KEEP_WINDOWS`` windows and prices a step by their
+    median (weighted by steps), so one window slowed by something else on the machine moves the
+    price little. It fits per-step cost t(B) = alpha + beta * B over the batch sizes priced with
+    :func:`fit_linear` (one point per batch size, so a long stay at one batch does not drown the
+    others; Pollux fits the same shape, Qiao et al. 2021 Sec. 3.2), and predicts per-sample cost
+    t(B) / B anywhere.
 
-    What is fitted is the cost of *training*; measured steps are kept apart because they are not
-    a property of the batch. On a small model a measured step (split into pieces, norm hooks, one
-    read-back) costs several times an ordinary one, and the controller measures every ``S`` samples,
-    so a large batch is measured on a larger share of its steps: a profile that averaged both
-    kinds charged large batches for the estimator's work, and on linear regression it kept the
-    goodput policy at batch 16 while fixed batches of 4096 trained about 70x faster. Per sample,
-    measuring costs the same at every batch that is not measured on every step, so it does not
-    bear on which batch trains fastest. A batch size that has only measured steps (every step is
-    measured while the batch exceeds ``S``) gets its training cost as its measured cost less the
-    extra cost of a measured step, fitted as alpha + beta * B over the batch sizes timed both ways
-    (none, while that difference is not positive); until one size is timed both ways, the profile
-    has no way to tell the two apart and fits the mean over all steps.
+    What is fitted is the cost of *training*. A measured step costs more (split into pieces or
+    norm hooks, one read-back; on linear regression about 1.3x an ordinary step), and the
+    controller measures every so many samples, so a large batch is measured on a larger share of
+    its steps: averaged together, the profile would charge large batches for the estimator's work.
+    Per sample, measuring costs the same at every batch that is not measured on every step, so it
+    does not bear on which batch trains fastest. A batch size that has only measured steps (every
+    step is measured while the batch exceeds the measurement spacing) is priced at its measured
+    cost less the extra cost of a measured step, fitted as alpha + beta * B over the batch sizes
+    timed both ways (none, while that difference is not positive); until one size is timed both
+    ways, the profile cannot tell the two apart and uses the median over all steps. The controller
+    starts each window after its decision, so the time a proposal takes is no step's cost (that
+    time, read as 10-40 ms per ordinary step against 0.5-1.5 ms per measured one, kept the goodput
+    policy at batch 16 on linear regression while fixed batches of 4096 trained about 70x faster).
 
-    A batch size counts (in the fit and in :meth:`batches`) once ``min_steps`` of its steps of a kind
-    were timed. With one point per batch size, a single slow step would otherwise weigh as much as
-    thousands: one step at 128 that took six times a step at 16 (its first call at the new shape,
-    measured) made the fit read a constant cost per sample, and the policy went back to the
-    smallest batch for the rest of a run.
+    A batch size counts (in the fit and in :meth:`batches`) once ``min_steps`` of its steps in at
+    least ``min_windows`` windows were timed. With one point per batch size, a single slow step
+    would otherwise weigh as much as thousands: one step at 128 that took six times a step at 16
+    (its first call at the new shape, measured) made the fit read a constant cost per sample, and
+    the policy went back to the smallest batch for the rest of a run.
 
     Example:
         >>> profile = ThroughputProfile()
