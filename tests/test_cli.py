@@ -310,8 +310,9 @@ def test_a_killed_workers_trial_is_failed_by_the_next_command_that_opens_the_stu
     capsys.readouterr()
     assert main(["study", "show", "slow", "--storage", url]) == 0
     captured = capsys.readouterr()
-    assert f"failed 1 stale trial(s) of study 'slow' (no heartbeat for 3 s): {number}" in captured.err
-    assert f"trial {number}  FAIL" in captured.out and f"retry of trial {number}" in captured.out
+    shown = f"stderr:\n{captured.err}\nstdout:\n{captured.out}"  # what a failure needs to be understood
+    assert f"failed 1 stale trial(s) of study 'slow' (no heartbeat for 3 s): {number}" in captured.err, shown
+    assert f"trial {number}  FAIL" in captured.out and f"retry of trial {number}" in captured.out, shown
 
 
 @pytest.mark.postgres
