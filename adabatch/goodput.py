@@ -201,7 +201,7 @@ class ThroughputProfile:
             raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
         return self._cost[kind]
 
-    def _per_step(self, rows: list[list[Any]]) -> dict[int, float]:
+    def _per_step(self, rows: list[tuple[tuple[int, bool], list[Any]]]) -> dict[int, float]:
         """Median cost of one step per batch size, over windows; sizes with too little data are left out."""
         out: dict[int, list[list[float]]] = {}
         for (batch, _), (steps, windows, recent) in rows:
@@ -251,7 +251,8 @@ class ThroughputProfile:
 
     def max_power_w(self) -> float:
         """Highest mean power (joules / seconds) seen at any batch size; nan without joules."""
-        powers = [j / s for j, s in self._metered.values() if s > 0]
+        priced = self.step_costs("energy")  # batch sizes with enough metered windows
+        powers = [j / s for b, (j, s) in self._metered.items() if b in priced and s > 0]
         return max(powers) if powers else math.nan
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,7 +263,7 @@ class ThroughputProfile:
         if "metered" not in state:  # saved before measured steps were priced apart: a mix of both kinds
             log.warning("adabatch: the throughput profile in this checkpoint predates the separate pricing of "
                         "measured steps; the goodput policy starts a new profile (it re-times its batch sizes).")
-            self.__init__(self.min_steps, self.min_windows)
+            self._cost, self._metered = {kind: {} for kind in self.KINDS}, {}
             return
         for kind in self.KINDS:
             self._cost[kind] = {(int(b), bool(m)): [float(steps), int(windows), [[float(n), float(c)] for n, c in recent]]
