@@ -765,7 +765,7 @@ class AdaptiveBatchController:
         self._schedule_next_measurement(self._measure_work, step_seconds)
         if timing:  # this decision's time joins the next measurement's work (all-reduced with it under DDP)
             self._decision_seconds = time.perf_counter() - t_start
-        if self.config.policy != "noise":
+        if profiled:
             # the next window starts now: deciding (a goodput proposal fits the profile) is no training step's cost
             self._window = (self.steps, self.samples, self.clock.seconds(), self.clock.joules())
 

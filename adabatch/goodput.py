@@ -163,8 +163,9 @@ class ThroughputProfile:
         if not (isinstance(min_windows, int) and min_windows >= 1):
             raise ValueError(f"ThroughputProfile: min_windows={min_windows!r} must be an integer >= 1.")
         self.min_steps, self.min_windows = float(min_steps), min_windows
-        # kind -> (batch, measured) -> [steps in all, windows seen, recent windows as [steps, cost]]
-        self._cost: dict[str, dict[tuple[int, bool], list[Any]]] = {kind: {} for kind in self.KINDS}
+        # kind -> (batch, measured) -> the most recent windows as [steps, cost] (KEEP_WINDOWS of them,
+        # more than the thresholds need, so what they hold decides whether a batch size counts)
+        self._cost: dict[str, dict[tuple[int, bool], list[list[float]]]] = {kind: {} for kind in self.KINDS}
         self._metered: dict[int, list[float]] = {}  # batch -> [joules, seconds] of the windows that have joules
 
     def observe(self, batch: int, samples: int, seconds: float, joules: float | None = None,
@@ -187,31 +188,26 @@ class ThroughputProfile:
         steps = samples / batch
         for kind, cost in (("time", seconds), ("energy", joules)):
             if cost is not None:
-                row = self._cost[kind].setdefault((int(batch), bool(measured)), [0.0, 0, []])
-                row[0] += steps
-                row[1] += 1
-                row[2].append([steps, float(cost)])
-                del row[2][:-KEEP_WINDOWS]
+                recent = self._cost[kind].setdefault((int(batch), bool(measured)), [])
+                recent.append([steps, float(cost)])
+                del recent[:-KEEP_WINDOWS]
         if joules is not None:
             metered = self._metered.setdefault(int(batch), [0.0, 0.0])
             metered[0] += joules
             metered[1] += seconds
 
-    def _check_kind(self, kind: str) -> dict[tuple[int, bool], list[Any]]:
+    def _check_kind(self, kind: str) -> dict[tuple[int, bool], list[list[float]]]:
         if kind not in self.KINDS:
             raise ValueError(f"ThroughputProfile: kind={kind!r}; use 'time' or 'energy'.")
         return self._cost[kind]
 
-    def _per_step(self, rows: list[tuple[tuple[int, bool], list[Any]]]) -> dict[int, float]:
+    def _per_step(self, rows: list[tuple[tuple[int, bool], list[list[float]]]]) -> dict[int, float]:
         """Median cost of one step per batch size, over windows; sizes with too little data are left out."""
         out: dict[int, list[list[float]]] = {}
-        for (batch, _), (steps, windows, recent) in rows:
-            have = out.setdefault(batch, [0.0, 0, []])
-            have[0] += steps
-            have[1] += windows
-            have[2].extend(recent)
-        return {b: _weighted_median(recent) for b, (steps, windows, recent) in sorted(out.items())
-                if steps >= self.min_steps and windows >= self.min_windows}
+        for (batch, _), recent in rows:
+            out.setdefault(batch, []).extend(recent)
+        return {b: _weighted_median(windows) for b, windows in sorted(out.items())
+                if sum(n for n, _ in windows) >= self.min_steps and len(windows) >= self.min_windows}
 
     def step_costs(self, kind: str = "time") -> dict[int, float]:
         """Training cost of one step at each batch size with enough data (seconds or joules)."""
@@ -257,18 +253,20 @@ class ThroughputProfile:
         return max(powers) if powers else math.nan
 
     def state_dict(self) -> dict[str, Any]:
-        return {kind: [[b, measured, *row] for (b, measured), row in sorted(self._cost[kind].items())]
+        return {kind: [[b, measured, recent] for (b, measured), recent in sorted(self._cost[kind].items())]
                 for kind in self.KINDS} | {"metered": [[b, *v] for b, v in sorted(self._metered.items())]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "metered" not in state:  # saved before measured steps were priced apart: a mix of both kinds
-            log.warning("adabatch: the throughput profile in this checkpoint predates the separate pricing of "
-                        "measured steps; the goodput policy starts a new profile (it re-times its batch sizes).")
+        if "metered" not in state or any(len(row) != 3 for kind in self.KINDS for row in state[kind]):
+            # saved before measured steps were priced apart (a mix of both kinds), or in another layout
+            log.warning("adabatch: the throughput profile in this checkpoint was saved in an older layout (before "
+                        "measured steps were priced apart); the goodput policy starts a new profile (it re-times "
+                        "its batch sizes).")
             self._cost, self._metered = {kind: {} for kind in self.KINDS}, {}
             return
         for kind in self.KINDS:
-            self._cost[kind] = {(int(b), bool(m)): [float(steps), int(windows), [[float(n), float(c)] for n, c in recent]]
-                                for b, m, steps, windows, recent in state[kind]}
+            self._cost[kind] = {(int(b), bool(m)): [[float(n), float(c)] for n, c in recent]
+                                for b, m, recent in state[kind]}
         self._metered = {int(b): [float(j), float(s)] for b, j, s in state["metered"]}
 
 

@@ -290,7 +290,7 @@ def test_goodput_controller_prices_measured_steps_apart_from_training() -> None:
     optimum = math.sqrt(ctl.noise.value * 1000)
     assert optimum / 2 <= ctl.batch_size <= 2 * optimum, (ctl.batch_size, optimum, ctl.decisions)
     # what the steps cost on average, measured ones included, is well above the training cost
-    windows = {b: [w for (size, _), row in profile._cost["time"].items() if size == b for w in row[2]] for b in costs}
+    windows = {b: [w for (size, _), recent in profile._cost["time"].items() if size == b for w in recent] for b in costs}
     mixed = {b: sum(c for _, c in ws) / sum(n for n, _ in ws) for b, ws in windows.items()}
     assert max(mixed[b] / costs[b] for b in costs) > 1.5, mixed
 
@@ -322,3 +322,6 @@ def test_profile_prices_batches_measured_on_every_step_from_the_measured_extra_c
     # a profile saved before the two kinds were kept apart cannot be split: a new profile starts
     restored.load_state_dict({"time": [[64, 100.0, 0.5]], "energy": []})
     assert restored.step_costs() == {} and restored.batches() == []
+    restored.load_state_dict(profile.state_dict())
+    restored.load_state_dict({"time": [[64, False, 80.0, 10, [[8.0, 0.004]] * 10]], "energy": [], "metered": []})
+    assert restored.step_costs() == {}  # another layout: a new profile, not a misread one
