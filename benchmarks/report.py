@@ -270,7 +270,7 @@ def _noise_error(methods: dict[str, list[dict]]) -> dict[str, Estimate]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plots(results: dict[str, Any], out_dir: Path) -> dict[str, list[str]]:
+def plots(results: dict[str, Any], out_dir: Path) -> dict[str, list[str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,13 +542,14 @@ def _energy_lines(results: dict[str, Any]) -> list[str]:
     return (["Energy-aware mode:", "", *out]) if out else []
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the benchmark markers in ``readme`` with ``block``."""
+def update_readme(readme: Path, block: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between the markers ``start`` and ``end`` in ``readme`` (the suite's by
+    default) with ``block``, which holds the markers itself."""
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers to fill")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} markers to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
     readme.write_text(head + block + tail)
 
 
@@ -559,7 +560,7 @@ def write_report(results_path: Path, out_dir: Path, readme: Path | None = None,
     results = json.loads(Path(results_path).read_text())
     out_dir = Path(out_dir)
     summary = summarize(results)
-    figures = _plots(results, out_dir)
+    figures = plots(results, out_dir)
     path = out_dir / "report.md"
     path.write_text(render(results, summary, figures))
     if readme is not None:

@@ -386,3 +386,23 @@ def test_lr_rule_benchmark_changes_the_rule_and_nothing_else(tmp_path):
     lr_rule.main(["--merge", str(tmp_path / "lr_rule.json"), str(tmp_path / "later.json"), "--out", str(tmp_path / "m")])
     merged = json.loads((tmp_path / "m" / "lr_rule.json").read_text())
     assert sorted(r["final_metric"] for r in merged["runs"]) == sorted(r["final_metric"] for r in later["runs"])
+
+
+def test_user_loop_grows_through_its_stream_and_ends_one_cycle_with_the_budget():
+    """A loop as users write it: a DataLoader over a stream asking next_micro_batch_size(), AdamW
+    with parameter groups, torch's OneCycleLR sized for batch 32, bf16 autocast, clipping and a
+    LayerNorm (measured with pieces). The noisy stream's noise scale is in the thousands, so the
+    batch grows well past the base, the micro-batch follows it, and OneCycleLR, advanced in samples,
+    has reached its end (peak / 25e4) when the budget has: stepped once per optimizer step it would
+    have run a few dozen of its 1,250 steps."""
+    from benchmarks import user_loop
+
+    run = user_loop.run_one(("adabatch", 0, 40_000))
+    assert run["samples"] >= 40_000 and not run["diverged"]
+    assert run["stats"]["measurement"] == "pieces"
+    assert max(e["batch"] for e in run["evals"]) >= 8 * user_loop.BASE
+    assert run["stats"]["micro_batch_size"] > user_loop.BASE
+    assert run["steps"] < 40_000 / (4 * user_loop.BASE)
+    assert run["evals"][-1]["scheduled_lr"] < 1e-3 * user_loop.LR
+    assert run["evals"][0]["scheduled_lr"] > 0.1 * user_loop.LR  # mid-cycle at 20,000 of 40,000 samples
+    assert run["final_metric"] > 0.6  # chance is 0.1

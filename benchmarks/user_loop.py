@@ -1,0 +1,270 @@
+"""A training loop written the way users write one, with adabatch beside fixed batches, in one run.
+
+    python -m benchmarks.user_loop --readme README.md        # 3 seeds, 2 processes, about 4 min
+    python -m benchmarks.user_loop --seeds 0 --budget 120000 --out /tmp/user-loop   # a quick look
+
+The suite's loops (:mod:`benchmarks.loops`) slice a tensor dataset through the controller's sampler.
+This one combines what real loops do and the suite does not, and what the controller has to cope
+with at its defaults:
+
+- a stream: an ``IterableDataset`` behind a ``DataLoader`` (``batch_size=None``) that asks
+  ``controller.next_micro_batch_size()`` before building each micro-batch, so the micro-batch
+  follows the batch (the fixed loops draw their batch from the same stream);
+- AdamW with two parameter groups (weight decay on matrices only);
+- torch's ``OneCycleLR``, sized for the base batch of 32 and advanced by the controller in
+  samples; each fixed batch B runs its own ``OneCycleLR`` over budget / B steps with its peak LR
+  scaled by sqrt(B / 32) (the rule adabatch uses for Adam);
+- bf16 autocast, and gradient clipping at norm 1 (``max_grad_norm`` for the controller,
+  ``clip_grad_norm_`` before each step in the fixed loops);
+- a LayerNorm in the model, so the controller measures the noise with pieces of the step rather
+  than per-example norms.
+
+The task is a noisy teacher-student stream: x ~ N(0, I_64), labelled with the argmax of a fixed
+random two-layer teacher's logits plus Gaussian noise; the score is accuracy on 20,000 held-out
+samples labelled without noise. The label noise keeps the gradient noise scale in the thousands,
+so every fixed batch from 32 to 1024 reaches the target after about the same number of samples
+and the larger ones get there several times sooner: the loop rewards growing fast. (Loops that
+reward staying small are in the suite: on ``charlm-adamw`` a larger batch costs as much per sample.)
+
+Figures are medians over seeds, paired by seed, with 95 % bootstrap intervals
+(:func:`benchmarks.report.summarize`, the suite's goals). Wall time counts training only:
+evaluation runs inside ``controller.paused()`` and off the fixed loops' clocks.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import math
+import multiprocessing
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from adabatch import AdaptiveBatchController, ControllerConfig
+from adabatch.workloads import Data, Workload
+from benchmarks.loops import Recorder
+from benchmarks.report import fmt_est, plots, summarize, update_readme
+
+OUT = Path(__file__).resolve().parent / "results" / "user_loop"
+README_START, README_END = "<!-- user-loop:start -->", "<!-- user-loop:end -->"
+DIM, CLASSES, HIDDEN = 64, 10, 256
+BASE = 32  # the base batch: the micro-batch of a plain loop, and the batch OneCycleLR is sized for
+LR = 2e-3  # AdamW's peak LR at the base batch
+WEIGHT_DECAY = 0.05
+CLIP = 1.0
+LABEL_NOISE = 1.5  # standard deviation of the Gaussian noise on the teacher's logits
+TARGET = 0.770  # accuracy; fixed batches 32..1024 reach it after 440,000-500,000 samples (seed 0)
+BUDGET, EVAL_EVERY = 600_000, 20_000
+FIXED = (32, 64, 128, 256, 512, 1024)
+METHODS = [f"fixed-{b}" for b in FIXED] + ["adabatch", "adabatch-goodput"]
+CONFIGS = {"adabatch": ControllerConfig(), "adabatch-goodput": ControllerConfig(policy="goodput")}
+
+
+def _teacher() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)  # one teacher for every seed
+    return torch.randn(DIM, 128, generator=g) / 8, torch.randn(128, CLASSES, generator=g) * 0.75
+
+
+def teacher_logits(x: torch.Tensor) -> torch.Tensor:
+    w1, w2 = _teacher()
+    return torch.tanh(x @ w1) @ w2
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Endless (x, noisy label) micro-batches, each of ``size()`` samples, from a seeded generator."""
+
+    def __init__(self, seed: int, size: Callable[[], int]) -> None:
+        self.seed, self.size = seed, size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(10_000 + self.seed)
+        while True:
+            n = self.size()
+            x = torch.randn(n, DIM, generator=g)
+            yield x, (teacher_logits(x) + LABEL_NOISE * torch.randn(n, CLASSES, generator=g)).argmax(1)
+
+
+def make_data(seed: int) -> Data:
+    """Held-out samples with clean labels (the same for every seed); the stream needs no training set."""
+    x = torch.randn(20_000, DIM, generator=torch.Generator().manual_seed(99))
+    empty = torch.empty(0, DIM)
+    return Data(empty, torch.empty(0, dtype=torch.long), x, teacher_logits(x).argmax(1))
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, HIDDEN),
+                         nn.GELU(), nn.Linear(HIDDEN, CLASSES))
+
+
+WORKLOAD = Workload("user-loop-stream", make_data, make_model, nn.functional.cross_entropy, "accuracy",
+                    target=TARGET, optimizer="adamw", lr=LR, micro_batch=BASE, sample_budget=BUDGET,
+                    schedule="onecycle", warmup=0.3, weight_decay=WEIGHT_DECAY)
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices and none on biases and LayerNorm."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return nn.functional.cross_entropy(model(x), y)
+
+
+def run_fixed(batch: int, seed: int, budget: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = make_model()
+    peak = LR * math.sqrt(batch / BASE)
+    opt = make_optimizer(model, peak)
+    steps = budget // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps)
+    rec = Recorder(WORKLOAD, make_data(seed), f"fixed-{batch}", seed, budget, EVAL_EVERY)
+    loader = torch.utils.data.DataLoader(Stream(seed, lambda: batch), batch_size=None)
+    for step, (x, y) in zip(range(1, steps + 1), loader):
+        loss = _loss(model, x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step() if step < steps else None  # OneCycleLR refuses a step past its total
+        if rec.due(step * batch) or step == steps:
+            rec.evaluate(model, step * batch, step, batch, loss.item(), scheduled_lr=opt.param_groups[0]["lr"])
+            if rec.done:
+                break
+    return rec.finish()
+
+
+def run_adabatch(method: str, seed: int, budget: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_optimizer(model, LR)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=budget // BASE)
+    ctl = AdaptiveBatchController(model, opt, micro_batch_size=BASE, config=CONFIGS[method], scheduler=sched,
+                                  max_grad_norm=CLIP)
+    rec = Recorder(WORKLOAD, make_data(seed), method, seed, budget, EVAL_EVERY)
+    for x, y in torch.utils.data.DataLoader(Stream(seed, ctl.next_micro_batch_size), batch_size=None):
+        loss = _loss(model, x, y)
+        ctl.backward(loss, batch_size=len(x))
+        if not ctl.step():
+            continue
+        if rec.due(ctl.samples):
+            with ctl.paused():
+                rec.evaluate(model, ctl.samples, ctl.steps, ctl.batch_size, loss.item(),
+                             noise_scale=ctl.noise_scale, scheduled_lr=opt.param_groups[0]["lr"])
+            if rec.done:
+                break
+    ctl.flush()
+    stats = {k: v for k, v in ctl.stats().items() if isinstance(v, (int, float, str))}
+    return rec.finish(stats=stats, decisions=[vars(c) for c in ctl.decisions])
+
+
+def run_one(job: tuple[str, int, int]) -> dict[str, Any]:
+    method, seed, budget = job
+    torch.set_num_threads(1)
+    t0 = time.time()
+    run = run_fixed(int(method.split("-")[1]), seed, budget) if method.startswith("fixed-") else \
+        run_adabatch(method, seed, budget)
+    run.update(eval_every=EVAL_EVERY, run_wall_seconds=time.time() - t0)
+    return run
+
+
+def render(results: dict[str, Any], summary: dict[str, Any], figures: list[str]) -> str:
+    s = summary[WORKLOAD.name]
+    lines = [f"# A loop written the way users write one ({WORKLOAD.name})", "",
+             f"Generated by `python -m benchmarks.user_loop` from `results.json` ({len(results['runs'])} runs, "
+             f"{results['total_seconds'] / 60:.1f} min of runs, seeds {results['seeds']}, "
+             f"{results['machine']['cpu_count']} CPUs, one thread per run, torch {results['machine']['torch']}). "
+             "The loop and the task: `benchmarks/user_loop.py`'s docstring.", "",
+             f"Target: accuracy >= {TARGET}; budget {results['budget']:,} samples, evaluated every {EVAL_EVERY:,}. "
+             f"Hindsight-best fixed batch: `{s['hindsight_best']}`; best final metric among fixed batches: "
+             f"`{s['best_final']}`. `adabatch` runs its untuned defaults; `adabatch-goodput` the opt-in, "
+             "timing-driven policy.", "",
+             "| goal (`adabatch`, defaults) | median [95 % CI] | line | met? |", "|---|---|---|---|"]
+    for g in s["goals"]:
+        if g.key == "tuned":  # no study tunes this loop
+            continue
+        lines.append(f"| {g.name} | {g.value} | {g.line} | {g.verdict} |")
+    lines += ["", "| method | reached | time to target (s) | time / hindsight best | samples to target | "
+              "final accuracy | total time (s) |", "|---|---|---|---|---|---|---|"]
+    for m, row in s["rows"].items():
+        vs = fmt_est(row["time_vs_best"]) if row["time_vs_best"] is not None else "n/a"
+        lines.append(f"| {m} | {row['reached']}/{row['n']} | {fmt_est(row['seconds_to_target'])} | {vs} | "
+                     f"{fmt_est(row['samples_to_target'])} | {fmt_est(row['final_metric'], 4)} | "
+                     f"{fmt_est(row['seconds'])} |")
+    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def readme_block(summary: dict[str, Any]) -> str:
+    s = summary[WORKLOAD.name]
+    rows = s["rows"]
+    best = s["hindsight_best"]
+    lines = [README_START, "", "| method | reached | time / " + f"{best} (hindsight best) | final accuracy |",
+             "|---|---|---|---|"]
+    for m in ("adabatch", "adabatch-goodput", *(f"fixed-{b}" for b in FIXED)):
+        if m in rows:
+            row = rows[m]
+            vs = fmt_est(row["time_vs_best"]) if row["time_vs_best"] is not None else "n/a"
+            lines.append(f"| {m} | {row['reached']}/{row['n']} | {vs} | {fmt_est(row['final_metric'], 4)} |")
+    lines += ["", "Goals of `adabatch`'s defaults, as the suite states them:", ""]
+    lines += [f"- {g.name}: {g.value} (line {g.line}): **{g.verdict}**" for g in s["goals"] if g.key != "tuned"]
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every seed x method, in that order (each seed's slow small batches first), two processes at once."""
+    jobs = [(m, s, args.budget) for s in args.seeds for m in args.methods]
+    runs = []
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for i, run in enumerate(pool.imap(run_one, jobs), 1):
+            runs.append(run)
+            hit = f"target at {run['seconds_to_target']:.1f} s" if run["reached_target"] else "target not reached"
+            print(f"[{i}/{len(jobs)}] {run['method']} seed {run['seed']}: final {run['final_metric']:.4f}, "
+                  f"{run['seconds']:.1f} s, {hit}", flush=True)
+    return {"suite": "user_loop", "seeds": args.seeds, "budget": args.budget, "target": TARGET,
+            "methods": args.methods, "total_seconds": sum(r["run_wall_seconds"] for r in runs), "runs": runs,
+            "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpu_count": os.cpu_count()}}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--budget", type=int, default=BUDGET)
+    p.add_argument("--jobs", type=int, default=2, help="processes side by side, one thread each")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--readme", type=Path, help="README to update between its user-loop markers")
+    p.add_argument("--report-only", action="store_true", help="render the report (and README) from results.json")
+    args = p.parse_args(argv)
+    path = args.out / "results.json"
+    if args.report_only:
+        results = json.loads(path.read_text())
+    else:
+        results = _run(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, default=float))
+    summary = summarize(results)
+    figures = plots(results, args.out)[WORKLOAD.name]
+    report = args.out / "report.md"
+    report.write_text(render(results, summary, figures))
+    if args.readme is not None:
+        update_readme(args.readme, readme_block(summary), README_START, README_END)
+    print(f"wrote {path} and {report}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
