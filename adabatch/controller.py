@@ -52,7 +52,7 @@ from adabatch.config import ConfigError, ControllerConfig
 from adabatch.decide import Change, Decider, snap_down
 from adabatch.gradnorm import adam_denominators
 from adabatch.lr import LRLimit, LRScaler, ScheduleFollower, lr_factor, resolve_rule
-from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, example_denominators, example_layers,
+from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, compiled, example_denominators, example_layers,
                               mean_gradient_norms)
 from adabatch.memory import MicroBatchMemory
 from adabatch.noise import MIN_MEASUREMENTS, NoiseEstimate, NoiseScaleEstimator
@@ -209,8 +209,15 @@ class AdaptiveBatchController:
         # Per-example gradients (convolutions, Adam on sequences) cost about a forward pass of the
         # layer per measured step, against about nothing for pieces: formed only when asked for.
         self._per_example = config.measurement == "examples"
+        hooks_blind = config.measurement != "pieces" and compiled(model)
+        if hooks_blind:
+            if config.measurement == "examples":
+                raise ConfigError("ControllerConfig.measurement='examples' cannot read per-example norms from a compiled "
+                                  "model (torch.compile): its layers' hooks do not run once per micro-batch. Use "
+                                  "'auto' or 'pieces'.")
+            log.info("adabatch: the model is compiled (torch.compile): measuring with pieces of the step.")
         self._layers = (example_layers(model, self._params, convolutions=self._per_example)
-                        if config.measurement != "pieces" else None)
+                        if config.measurement != "pieces" and not hooks_blind else None)
         if config.measurement == "examples" and self._layers is None:
             raise ConfigError("ControllerConfig.measurement='examples' needs every trainable parameter in a "
                               "torch.nn.Linear, Conv1d or Conv2d layer (one group, zero padding); this model has "

@@ -185,6 +185,22 @@ def example_layers(model: nn.Module, params: Sequence[Tensor], convolutions: boo
     return [m for m in layers if id(m) in used]
 
 
+def compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules runs compiled (``torch.compile(m)`` or ``m.compile()``).
+
+    A compiled forward runs a captured graph: forward hooks registered on its layers afterwards (as
+    :class:`ExampleNorms` does on measured steps) are not called once per micro-batch, so per-example
+    norms cannot be read there, and every registration would make the graph recompile.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> compiled(net), compiled(torch.compile(net, backend="eager"))
+        (False, True)
+    """
+    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+
+
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], ...] | None | bool:
     """(kernel, dilation, padding, stride) of a convolution ``F.unfold`` can follow, False for one it
     cannot, None for a Linear layer."""

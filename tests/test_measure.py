@@ -231,3 +231,37 @@ def test_large_micro_batches_take_the_costly_forms_over_every_kth_example(monkey
     # examples 0, 3, 6 and 9: their mean, which over shuffled batches is unbiased for the whole batch's
     assert mean_v == pytest.approx(float(exact[::3].mean()), rel=1e-4)
     assert mean_v != pytest.approx(float(exact.mean()), rel=1e-3)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_a_compiled_model_is_measured_with_pieces_from_the_start(how, caplog):
+    """Hooks registered on a compiled model's layers (per-example norms) are not called once per
+    micro-batch: 'auto' measures a compiled model with pieces from its first step, and 'examples'
+    says at once that it cannot."""
+    import logging
+
+    from adabatch import AdaptiveBatchController, ControllerConfig
+    from adabatch.config import ConfigError
+
+    net = _mlp()
+    if how == "torch.compile":
+        model = torch.compile(net, backend="eager")
+    else:
+        model = net
+        model.compile(backend="eager")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with pytest.raises(ConfigError, match="compiled"):
+        AdaptiveBatchController(model, opt, 8, ControllerConfig(measurement="examples"))
+    with caplog.at_level(logging.INFO, logger="adabatch.controller"):
+        ctl = AdaptiveBatchController(model, opt, 8, ControllerConfig(initial_batch=16, measure_every=1))
+        assert ctl.measurement == "pieces"  # an uncompiled MLP of Linear layers gets per-example norms
+        g = torch.Generator().manual_seed(0)
+        for _ in range(24):
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            ctl.backward(nn.functional.cross_entropy(model(x), y))
+            ctl.step()
+    assert ctl.steps == 12 and ctl.estimator.measurements == 12
+    assert "per-example norms unavailable" not in caplog.text  # no fallback in mid-run
+    plain = _mlp()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    assert AdaptiveBatchController(plain, plain_opt, 8, ControllerConfig()).measurement == "examples"
