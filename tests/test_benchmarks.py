@@ -406,3 +406,22 @@ def test_user_loop_grows_through_its_stream_and_ends_one_cycle_with_the_budget()
     assert run["evals"][-1]["scheduled_lr"] < 1e-3 * user_loop.LR
     assert run["evals"][0]["scheduled_lr"] > 0.1 * user_loop.LR  # mid-cycle at 20,000 of 40,000 samples
     assert run["final_metric"] > 0.6  # chance is 0.1
+
+
+def test_readme_figures_are_those_the_committed_results_give():
+    """The README's benchmark blocks are generated, never typed: each equals what its committed
+    results file renders to now."""
+    from pathlib import Path
+
+    from benchmarks import report, user_loop
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    results_dir = root / "benchmarks" / "results"
+    full = json.loads((results_dir / "full" / "results.json").read_text())
+    extras = [json.loads((results_dir / name).read_text())
+              for name in ("overhead.json", "estimator.json", "overhead_examples.json")]
+    suite_block = report.readme_block(full, report.summarize(full), "benchmarks/results/full/report.md", *extras)
+    assert suite_block in readme
+    loop = json.loads((results_dir / "user_loop" / "results.json").read_text())
+    assert user_loop.readme_block(report.summarize(loop)) in readme
