@@ -78,11 +78,19 @@ class Verified:
     def mean(self) -> float:
         return statistics.fmean(self.values.values()) if self.values else math.nan
 
-    def against(self, other: "Verified") -> tuple[float, int, int]:
-        """Mean paired difference to ``other`` over the seeds both have, and (wins, seeds) by value."""
+    def against(self, other: "Verified", direction: str = "maximize") -> tuple[float, int, int]:
+        """Mean paired difference to ``other`` over the seeds both have, and (wins, seeds): the seeds
+        where this one scored better in ``direction`` (higher for "maximize", lower for "minimize").
+
+        Example:
+            >>> a, b = Verified(None, {1: 70.0, 2: 74.0}), Verified(None, {1: 88.0, 2: 88.0})
+            >>> a.against(b, "minimize"), a.against(b, "maximize")
+            ((-16.0, 2, 2), (-16.0, 0, 2))
+        """
         shared = sorted(set(self.values) & set(other.values))
         diffs = [self.values[s] - other.values[s] for s in shared]
-        return (statistics.fmean(diffs) if diffs else math.nan), sum(d > 0 for d in diffs), len(diffs)
+        sign = 1.0 if direction == "maximize" else -1.0
+        return (statistics.fmean(diffs) if diffs else math.nan), sum(sign * d > 0 for d in diffs), len(diffs)
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class Report:
         for v in self.results:
             line = f"  trial {v.candidate.trial.number:<7d} {_value(v)}"
             if self.baseline is not None and v.values and self.baseline.values:
-                diff, wins, n = v.against(self.baseline)
+                diff, wins, n = v.against(self.baseline, self.direction)
                 sign = diff if self.direction == "maximize" else -diff
                 line += f"  {diff:+.4g} vs default ({'better' if sign > 0 else 'not better'}; ahead on {wins} of {n} seeds)"
             out.append(line)
