@@ -1,6 +1,6 @@
 """A training loop written the way users write one, with adabatch beside fixed batches, in one run.
 
-    python -m benchmarks.user_loop --readme README.md        # 3 seeds, 2 processes, about 4 min
+    python -m benchmarks.user_loop --readme README.md        # 3 seeds, 2 processes, about 3 min
     python -m benchmarks.user_loop --seeds 0 --budget 120000 --out /tmp/user-loop   # a quick look
 
 The suite's loops (:mod:`benchmarks.loops`) slice a tensor dataset through the controller's sampler.
@@ -38,6 +38,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -69,8 +70,9 @@ METHODS = [f"fixed-{b}" for b in FIXED] + ["adabatch", "adabatch-goodput"]
 CONFIGS = {"adabatch": ControllerConfig(), "adabatch-goodput": ControllerConfig(policy="goodput")}
 
 
+@functools.cache
 def _teacher() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)  # one teacher for every seed
+    g = torch.Generator().manual_seed(1234)  # one teacher for every seed, drawn once per process
     return torch.randn(DIM, 128, generator=g) / 8, torch.randn(128, CLASSES, generator=g) * 0.75
 
 
@@ -138,7 +140,8 @@ def run_fixed(batch: int, seed: int, budget: int) -> dict[str, Any]:
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step() if step < steps else None  # OneCycleLR refuses a step past its total
+        if step < steps:  # OneCycleLR refuses a step past its total
+            sched.step()
         if rec.due(step * batch) or step == steps:
             rec.evaluate(model, step * batch, step, batch, loss.item(), scheduled_lr=opt.param_groups[0]["lr"])
             if rec.done:
