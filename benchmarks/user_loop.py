@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
+from adabatch import workloads
 from adabatch.workloads import Data, Workload
 from benchmarks.loops import Recorder
 from benchmarks.report import fmt_est, plots, summarize, update_readme
@@ -112,12 +113,9 @@ WORKLOAD = Workload("user-loop-stream", make_data, make_model, nn.functional.cro
                     schedule="onecycle", warmup=0.3, weight_decay=WEIGHT_DECAY)
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices and none on biases and LayerNorm."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    rest = [p for p in model.parameters() if p.dim() <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr)
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the weight matrices and none on biases and LayerNorm (two groups)."""
+    return workloads.make_optimizer("adamw", model.parameters(), lr, WEIGHT_DECAY)
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
