@@ -1,6 +1,7 @@
 """A training loop written the way users write one, with adabatch beside fixed batches, in one run.
 
     python -m benchmarks.user_loop --readme README.md        # 3 seeds, 2 processes, about 3 min
+    python -m benchmarks.user_loop --task clean --readme README.md   # the clean task, about 1 min
     python -m benchmarks.user_loop --seeds 0 --budget 120000 --out /tmp/user-loop   # a quick look
 
 The suite's loops (:mod:`benchmarks.loops`) slice a tensor dataset through the controller's sampler.
@@ -19,12 +20,17 @@ with at its defaults:
 - a LayerNorm in the model, so the controller measures the noise with pieces of the step rather
   than per-example norms.
 
-The task is a noisy teacher-student stream: x ~ N(0, I_64), labelled with the argmax of a fixed
-random two-layer teacher's logits plus Gaussian noise; the score is accuracy on 20,000 held-out
-samples labelled without noise. The label noise keeps the gradient noise scale in the thousands,
-so every fixed batch from 32 to 1024 reaches the target after about the same number of samples
-and the larger ones get there several times sooner: the loop rewards growing fast. (Loops that
-reward staying small are in the suite: on ``charlm-adamw`` a larger batch costs as much per sample.)
+Two tasks run the same loop, one that rewards growing fast and one that rewards staying small:
+
+- ``noisy`` (the default): x ~ N(0, I_64), labelled with the argmax of a fixed random two-layer
+  teacher's logits plus Gaussian noise; the score is accuracy on 20,000 held-out samples labelled
+  without noise. The label noise keeps the gradient noise scale in the thousands, so every fixed
+  batch from 32 to 1024 reaches the target after about the same number of samples and the larger
+  ones get there several times sooner.
+- ``clean``: the same inputs, and as targets the teacher's first two logits (scaled to about unit
+  variance), without noise; the score is the validation MSE. Nothing drowns the gradient, so a
+  larger batch costs samples: with the sample budget fixed, fixed-32 ends best and only 32 to 128
+  reach the target, fixed-128 first. Results go to ``results/user_loop_clean/``.
 
 Figures are medians over seeds, paired by seed, with 95 % bootstrap intervals
 (:func:`benchmarks.report.summarize`, the suite's goals). Wall time counts training only:
@@ -44,6 +50,7 @@ import math
 import multiprocessing
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,16 +63,12 @@ from adabatch.workloads import Data, Workload
 from benchmarks.loops import Recorder
 from benchmarks.report import fmt_est, plots, summarize, update_readme
 
-OUT = Path(__file__).resolve().parent / "results" / "user_loop"
-README_START, README_END = "<!-- user-loop:start -->", "<!-- user-loop:end -->"
+RESULTS = Path(__file__).resolve().parent / "results"
 DIM, CLASSES, HIDDEN = 64, 10, 256
 BASE = 32  # the base batch: the micro-batch of a plain loop, and the batch OneCycleLR is sized for
-LR = 2e-3  # AdamW's peak LR at the base batch
 WEIGHT_DECAY = 0.05
 CLIP = 1.0
 LABEL_NOISE = 1.5  # standard deviation of the Gaussian noise on the teacher's logits
-TARGET = 0.770  # accuracy; fixed batches 32..1024 reach it after 440,000-500,000 samples (seed 0)
-BUDGET, EVAL_EVERY = 600_000, 20_000
 FIXED = (32, 64, 128, 256, 512, 1024)
 METHODS = [f"fixed-{b}" for b in FIXED] + ["adabatch", "adabatch-goodput"]
 CONFIGS = {"adabatch": ControllerConfig(), "adabatch-goodput": ControllerConfig(policy="goodput")}
@@ -82,35 +85,78 @@ def teacher_logits(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x @ w1) @ w2
 
 
-class Stream(torch.utils.data.IterableDataset):
-    """Endless (x, noisy label) micro-batches, each of ``size()`` samples, from a seeded generator."""
+def teacher_value(x: torch.Tensor) -> torch.Tensor:
+    """The clean task's target: the teacher's first two logits, scaled to about unit variance."""
+    return teacher_logits(x)[:, :2] / 4
 
-    def __init__(self, seed: int, size: Callable[[], int]) -> None:
-        self.seed, self.size = seed, size
+
+def noisy_labels(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return (teacher_logits(x) + LABEL_NOISE * torch.randn(len(x), CLASSES, generator=g)).argmax(1)
+
+
+def clean_values(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return teacher_value(x)
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out.float(), y)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the loop: the stream's labels, the model's head, the score, and where results go."""
+
+    name: str
+    labels: Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (x, generator) -> targets
+    outputs: int
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric: str  # accuracy or val_loss
+    target: float
+    lr: float  # AdamW's peak LR at the base batch
+    budget: int
+    eval_every: int
+    out: Path
+    readme_key: str  # README markers: <!-- {key}:start --> ... <!-- {key}:end -->
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(self.name, self.make_data, self.make_model, self.loss, self.metric, target=self.target,
+                        optimizer="adamw", lr=self.lr, micro_batch=BASE, sample_budget=self.budget,
+                        schedule="onecycle", warmup=0.3, weight_decay=WEIGHT_DECAY)
+
+    def make_data(self, seed: int) -> Data:
+        """Held-out samples with clean targets (the same for every seed); the stream needs no training set."""
+        x = torch.randn(20_000, DIM, generator=torch.Generator().manual_seed(99))
+        y = teacher_logits(x).argmax(1) if self.metric == "accuracy" else teacher_value(x)
+        return Data(torch.empty(0, DIM), y[:0], x, y)
+
+    def make_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, HIDDEN),
+                             nn.GELU(), nn.Linear(HIDDEN, self.outputs))
+
+
+TASKS = {
+    # label noise keeps the noise scale in the thousands: every fixed batch 32..1024 reaches the
+    # target after 440,000-500,000 samples (seed 0), so larger batches get there sooner
+    "noisy": Task("user-loop-stream", noisy_labels, CLASSES, nn.functional.cross_entropy, "accuracy", target=0.770,
+                  lr=2e-3, budget=600_000, eval_every=20_000, out=RESULTS / "user_loop", readme_key="user-loop"),
+    # clean targets: the noise scale stays in the hundreds and a larger batch costs samples
+    "clean": Task("user-loop-clean", clean_values, 2, mse, "val_loss", target=0.095, lr=1e-3,
+                  budget=300_000, eval_every=10_000, out=RESULTS / "user_loop_clean", readme_key="user-loop-clean"),
+}
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Endless (x, target) micro-batches of the task, each of ``size()`` samples, from a seeded generator."""
+
+    def __init__(self, task: Task, seed: int, size: Callable[[], int]) -> None:
+        self.task, self.seed, self.size = task, seed, size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(10_000 + self.seed)
         while True:
-            n = self.size()
-            x = torch.randn(n, DIM, generator=g)
-            yield x, (teacher_logits(x) + LABEL_NOISE * torch.randn(n, CLASSES, generator=g)).argmax(1)
-
-
-def make_data(seed: int) -> Data:
-    """Held-out samples with clean labels (the same for every seed); the stream needs no training set."""
-    x = torch.randn(20_000, DIM, generator=torch.Generator().manual_seed(99))
-    empty = torch.empty(0, DIM)
-    return Data(empty, torch.empty(0, dtype=torch.long), x, teacher_logits(x).argmax(1))
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, HIDDEN),
-                         nn.GELU(), nn.Linear(HIDDEN, CLASSES))
-
-
-WORKLOAD = Workload("user-loop-stream", make_data, make_model, nn.functional.cross_entropy, "accuracy",
-                    target=TARGET, optimizer="adamw", lr=LR, micro_batch=BASE, sample_budget=BUDGET,
-                    schedule="onecycle", warmup=0.3, weight_decay=WEIGHT_DECAY)
+            x = torch.randn(self.size(), DIM, generator=g)
+            yield x, self.task.labels(x, g)
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -118,22 +164,22 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return workloads.make_optimizer("adamw", model.parameters(), lr, WEIGHT_DECAY)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return nn.functional.cross_entropy(model(x), y)
+        return task.loss(model(x), y)
 
 
-def run_fixed(batch: int, seed: int, budget: int) -> dict[str, Any]:
+def run_fixed(task: Task, batch: int, seed: int, budget: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = make_model()
-    peak = LR * math.sqrt(batch / BASE)
+    model = task.make_model()
+    peak = task.lr * math.sqrt(batch / BASE)
     opt = make_optimizer(model, peak)
     steps = budget // batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps)
-    rec = Recorder(WORKLOAD, make_data(seed), f"fixed-{batch}", seed, budget, EVAL_EVERY)
-    loader = torch.utils.data.DataLoader(Stream(seed, lambda: batch), batch_size=None)
+    rec = Recorder(task.workload, task.make_data(seed), f"fixed-{batch}", seed, budget, task.eval_every)
+    loader = torch.utils.data.DataLoader(Stream(task, seed, lambda: batch), batch_size=None)
     for step, (x, y) in zip(range(1, steps + 1), loader):
-        loss = _loss(model, x, y)
+        loss = _loss(task, model, x, y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -147,16 +193,16 @@ def run_fixed(batch: int, seed: int, budget: int) -> dict[str, Any]:
     return rec.finish()
 
 
-def run_adabatch(method: str, seed: int, budget: int) -> dict[str, Any]:
+def run_adabatch(task: Task, method: str, seed: int, budget: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    model = make_model()
-    opt = make_optimizer(model, LR)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=budget // BASE)
+    model = task.make_model()
+    opt = make_optimizer(model, task.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=budget // BASE)
     ctl = AdaptiveBatchController(model, opt, micro_batch_size=BASE, config=CONFIGS[method], scheduler=sched,
                                   max_grad_norm=CLIP)
-    rec = Recorder(WORKLOAD, make_data(seed), method, seed, budget, EVAL_EVERY)
-    for x, y in torch.utils.data.DataLoader(Stream(seed, ctl.next_micro_batch_size), batch_size=None):
-        loss = _loss(model, x, y)
+    rec = Recorder(task.workload, task.make_data(seed), method, seed, budget, task.eval_every)
+    for x, y in torch.utils.data.DataLoader(Stream(task, seed, ctl.next_micro_batch_size), batch_size=None):
+        loss = _loss(task, model, x, y)
         ctl.backward(loss, batch_size=len(x))
         if not ctl.step():
             continue
@@ -171,24 +217,31 @@ def run_adabatch(method: str, seed: int, budget: int) -> dict[str, Any]:
     return rec.finish(stats=stats, decisions=[vars(c) for c in ctl.decisions])
 
 
-def run_one(job: tuple[str, int, int]) -> dict[str, Any]:
-    method, seed, budget = job
+def run_one(job: tuple[str, str, int, int]) -> dict[str, Any]:
+    """One run: (task key, method, seed, budget)."""
+    key, method, seed, budget = job
+    task = TASKS[key]
     torch.set_num_threads(1)
     t0 = time.time()
-    run = run_fixed(int(method.split("-")[1]), seed, budget) if method.startswith("fixed-") else \
-        run_adabatch(method, seed, budget)
-    run.update(eval_every=EVAL_EVERY, run_wall_seconds=time.time() - t0)
+    run = run_fixed(task, int(method.split("-")[1]), seed, budget) if method.startswith("fixed-") else \
+        run_adabatch(task, method, seed, budget)
+    run.update(eval_every=task.eval_every, run_wall_seconds=time.time() - t0)
     return run
 
 
-def render(results: dict[str, Any], summary: dict[str, Any], figures: list[str]) -> str:
-    s = summary[WORKLOAD.name]
-    lines = [f"# A loop written the way users write one ({WORKLOAD.name})", "",
-             f"Generated by `python -m benchmarks.user_loop` from `results.json` ({len(results['runs'])} runs, "
-             f"{results['total_seconds'] / 60:.1f} min of runs, seeds {results['seeds']}, "
+def _score(task: Task) -> str:
+    return f"accuracy >= {task.target}" if task.metric == "accuracy" else f"validation MSE <= {task.target}"
+
+
+def render(task: Task, results: dict[str, Any], summary: dict[str, Any], figures: list[str]) -> str:
+    s = summary[task.name]
+    final = "final accuracy" if task.metric == "accuracy" else "final validation MSE"
+    lines = [f"# A loop written the way users write one ({task.name})", "",
+             f"Generated by `python -m benchmarks.user_loop --task {_key(task)}` from `results.json` "
+             f"({len(results['runs'])} runs, {results['total_seconds'] / 60:.1f} min of runs, seeds {results['seeds']}, "
              f"{results['machine']['cpu_count']} CPUs, one thread per run, torch {results['machine']['torch']}). "
              "The loop and the task: `benchmarks/user_loop.py`'s docstring.", "",
-             f"Target: accuracy >= {TARGET}; budget {results['budget']:,} samples, evaluated every {EVAL_EVERY:,}. "
+             f"Target: {_score(task)}; budget {results['budget']:,} samples, evaluated every {task.eval_every:,}. "
              f"Hindsight-best fixed batch: `{s['hindsight_best']}`; best final metric among fixed batches: "
              f"`{s['best_final']}`. `adabatch` runs its untuned defaults; `adabatch-goodput` the opt-in, "
              "timing-driven policy.", "",
@@ -198,7 +251,7 @@ def render(results: dict[str, Any], summary: dict[str, Any], figures: list[str])
             continue
         lines.append(f"| {g.name} | {g.value} | {g.line} | {g.verdict} |")
     lines += ["", "| method | reached | time to target (s) | time / hindsight best | samples to target | "
-              "final accuracy | total time (s) |", "|---|---|---|---|---|---|---|"]
+              f"{final} | total time (s) |", "|---|---|---|---|---|---|---|"]
     for m, row in s["rows"].items():
         vs = fmt_est(row["time_vs_best"]) if row["time_vs_best"] is not None else "n/a"
         lines.append(f"| {m} | {row['reached']}/{row['n']} | {fmt_est(row['seconds_to_target'])} | {vs} | "
@@ -208,12 +261,21 @@ def render(results: dict[str, Any], summary: dict[str, Any], figures: list[str])
     return "\n".join(lines)
 
 
-def readme_block(summary: dict[str, Any]) -> str:
-    s = summary[WORKLOAD.name]
+def _key(task: Task) -> str:
+    return next(k for k, t in TASKS.items() if t is task)
+
+
+def markers(task: Task) -> tuple[str, str]:
+    return f"<!-- {task.readme_key}:start -->", f"<!-- {task.readme_key}:end -->"
+
+
+def readme_block(task: Task, summary: dict[str, Any]) -> str:
+    s = summary[task.name]
     rows = s["rows"]
     best = s["hindsight_best"]
-    lines = [README_START, "", "| method | reached | time / " + f"{best} (hindsight best) | final accuracy |",
-             "|---|---|---|---|"]
+    start, end = markers(task)
+    final = "final accuracy" if task.metric == "accuracy" else "final validation MSE"
+    lines = [start, "", f"| method | reached | time / {best} (hindsight best) | {final} |", "|---|---|---|---|"]
     for m in ("adabatch", "adabatch-goodput", *(f"fixed-{b}" for b in FIXED)):
         if m in rows:
             row = rows[m]
@@ -221,48 +283,53 @@ def readme_block(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {row['reached']}/{row['n']} | {vs} | {fmt_est(row['final_metric'], 4)} |")
     lines += ["", "Goals of `adabatch`'s defaults, as the suite states them:", ""]
     lines += [f"- {g.name}: {g.value} (line {g.line}): **{g.verdict}**" for g in s["goals"] if g.key != "tuned"]
-    lines += ["", README_END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     """Every seed x method, in that order (each seed's slow small batches first), two processes at once."""
-    jobs = [(m, s, args.budget) for s in args.seeds for m in args.methods]
+    jobs = [(_key(task), m, s, args.budget) for s in args.seeds for m in args.methods]
     runs = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         for i, run in enumerate(pool.imap(run_one, jobs), 1):
             runs.append(run)
             hit = f"target at {run['seconds_to_target']:.1f} s" if run["reached_target"] else "target not reached"
-            print(f"[{i}/{len(jobs)}] {run['method']} seed {run['seed']}: final {run['final_metric']:.4f}, "
+            print(f"[{i}/{len(jobs)}] {run['method']} seed {run['seed']}: final {run['final_metric']:.4g}, "
                   f"{run['seconds']:.1f} s, {hit}", flush=True)
-    return {"suite": "user_loop", "seeds": args.seeds, "budget": args.budget, "target": TARGET,
+    return {"suite": f"user_loop ({_key(task)})", "seeds": args.seeds, "budget": args.budget, "target": task.target,
             "methods": args.methods, "total_seconds": sum(r["run_wall_seconds"] for r in runs), "runs": runs,
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpu_count": os.cpu_count()}}
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=sorted(TASKS), default="noisy",
+                   help="noisy: label noise, larger batches win; clean: clean targets, smaller batches win")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--budget", type=int, default=BUDGET)
+    p.add_argument("--budget", type=int, help="samples per run (default: the task's)")
     p.add_argument("--jobs", type=int, default=2, help="processes side by side, one thread each")
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--readme", type=Path, help="README to update between its user-loop markers")
+    p.add_argument("--out", type=Path, help="folder for results.json, report.md and plots (default: the task's)")
+    p.add_argument("--readme", type=Path, help="README to update between the task's markers")
     p.add_argument("--report-only", action="store_true", help="render the report (and README) from results.json")
     args = p.parse_args(argv)
-    path = args.out / "results.json"
+    task = TASKS[args.task]
+    args.budget = args.budget or task.budget
+    out = args.out or task.out
+    path = out / "results.json"
     if args.report_only:
         results = json.loads(path.read_text())
     else:
-        results = _run(args)
-        args.out.mkdir(parents=True, exist_ok=True)
+        results = _run(task, args)
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, default=float))
     summary = summarize(results)
-    figures = plots(results, args.out)[WORKLOAD.name]
-    report = args.out / "report.md"
-    report.write_text(render(results, summary, figures))
+    figures = plots(results, out)[task.name]
+    report = out / "report.md"
+    report.write_text(render(task, results, summary, figures))
     if args.readme is not None:
-        update_readme(args.readme, readme_block(summary), README_START, README_END)
+        update_readme(args.readme, readme_block(task, summary), *markers(task))
     print(f"wrote {path} and {report}")
     return report
 

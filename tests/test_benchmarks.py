@@ -397,15 +397,34 @@ def test_user_loop_grows_through_its_stream_and_ends_one_cycle_with_the_budget()
     have run a few dozen of its 1,250 steps."""
     from benchmarks import user_loop
 
-    run = user_loop.run_one(("adabatch", 0, 40_000))
+    run = user_loop.run_one(("noisy", "adabatch", 0, 40_000))
     assert run["samples"] >= 40_000 and not run["diverged"]
     assert run["stats"]["measurement"] == "pieces"
     assert max(e["batch"] for e in run["evals"]) >= 8 * user_loop.BASE
     assert run["stats"]["micro_batch_size"] > user_loop.BASE
     assert run["steps"] < 40_000 / (4 * user_loop.BASE)
-    assert run["evals"][-1]["scheduled_lr"] < 1e-3 * user_loop.LR
-    assert run["evals"][0]["scheduled_lr"] > 0.1 * user_loop.LR  # mid-cycle at 20,000 of 40,000 samples
+    lr = user_loop.TASKS["noisy"].lr
+    assert run["evals"][-1]["scheduled_lr"] < 1e-3 * lr
+    assert run["evals"][0]["scheduled_lr"] > 0.1 * lr  # mid-cycle at 20,000 of 40,000 samples
     assert run["final_metric"] > 0.6  # chance is 0.1
+
+
+def test_user_loop_clean_task_is_the_same_loop_on_clean_regression_targets():
+    """The clean task runs the same loop (stream, groups, OneCycleLR, bf16, clipping) on a regression
+    target without noise: the fixed loop and the controller's both train it, scored by validation
+    MSE; its stream's targets are the teacher's values, without noise, and a seed gives the same stream."""
+    from benchmarks import user_loop
+
+    task = user_loop.TASKS["clean"]
+    fixed = user_loop.run_one(("clean", "fixed-64", 0, 20_000))
+    ada = user_loop.run_one(("clean", "adabatch", 0, 20_000))
+    start = task.workload.loss(task.make_model()(task.make_data(0).x_test), task.make_data(0).y_test).item()
+    for run in (fixed, ada):
+        assert run["metric"] == "val_loss" and not run["diverged"]
+        assert run["final_metric"] < 0.5 * start  # it learns the teacher
+    stream = user_loop.Stream(task, 0, lambda: 8)
+    (xa, ya), (xb, yb) = next(iter(stream)), next(iter(stream))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ya, user_loop.teacher_value(xa))
 
 
 def test_readme_figures_are_those_the_committed_results_give():
@@ -423,5 +442,6 @@ def test_readme_figures_are_those_the_committed_results_give():
               for name in ("overhead.json", "estimator.json", "overhead_examples.json")]
     suite_block = report.readme_block(full, report.summarize(full), "benchmarks/results/full/report.md", *extras)
     assert suite_block in readme
-    loop = json.loads((results_dir / "user_loop" / "results.json").read_text())
-    assert user_loop.readme_block(report.summarize(loop)) in readme
+    for task in user_loop.TASKS.values():
+        loop = json.loads((task.out / "results.json").read_text())
+        assert user_loop.readme_block(task, report.summarize(loop)) in readme
