@@ -8,6 +8,7 @@ each scenario is ``python -m benchmarks.stress``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -115,9 +116,14 @@ def test_a_database_that_stays_away_ends_the_run_in_one_error_line_and_keeps_wha
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_four_workers_one_killed_one_interrupted_lose_and_double_nothing(tmp_path, pg_database):
+def test_four_workers_one_killed_one_interrupted_lose_and_double_nothing(tmp_path, pg_database, monkeypatch):
     path = tmp_path / "four.toml"
-    path.write_text(study_text("four", n_trials=24, heartbeat=1, grace=4))
+    # no pruner and slower micro-batches (the workers inherit the setting): a trial seen mid-way still has
+    # most of its run ahead when the signal lands; with the stress default (4 ms, micro-batches growing to
+    # 128 samples) a trial took a fraction of a second and the signal sometimes found the worker between
+    # trials or in its next one
+    monkeypatch.setenv("ADABATCH_SLOW_STEP_S", "0.02")
+    path.write_text(study_text("four", n_trials=24, heartbeat=1, grace=4, pruner="none"))
     procs = [worker(path, pg_database) for _ in range(4)]
     killed = mid_trial(pg_database, "four", procs[0])
     os.kill(procs[0].pid, signal.SIGKILL)
@@ -125,16 +131,27 @@ def test_four_workers_one_killed_one_interrupted_lose_and_double_nothing(tmp_pat
     os.kill(procs[1].pid, signal.SIGINT)
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [-signal.SIGKILL, 130, 0, 0], [err for _, err in outs]
-    assert outs[1][1].strip() == f"adabatch: interrupted (SIGINT); trial {interrupted} will be retried on the next run"
+    said = re.fullmatch(r"adabatch: interrupted \(SIGINT\); trial (\d+) will be retried on the next run",
+                        outs[1][1].strip())
+    assert said is not None, outs[1][1]
     time.sleep(4 + 1 + 1)
     final = worker(path, pg_database)
     _, err = final.communicate(timeout=600)
     assert final.returncode == 0, err
     result = audit(pg_database, "four", 24)
     clean(result)
-    assert result["retries"] >= 2 and result["interrupted"] == 1
+    assert result["retries"] >= 2 and result["interrupted"] == 1, result
     trials = optuna.load_study(study_name="four", storage=pg_database).trials
-    assert trials[killed].state == trials[interrupted].state == optuna.trial.TrialState.FAIL
+
+    def failed(proc) -> list[int]:
+        return [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL
+                and str(t.user_attrs.get("worker", "")).endswith(f":{proc.pid}")]
+
+    # each signalled worker left exactly one failed trial: the one it held (retried), never an earlier one
+    held = {p.pid: failed(p) for p in procs}
+    assert len(held[procs[0].pid]) == 1 and held[procs[0].pid][0] >= killed, (killed, held)
+    assert held[procs[1].pid] == [int(said.group(1))] and int(said.group(1)) >= interrupted, (interrupted, held)
+    assert held[procs[2].pid] == held[procs[3].pid] == [], held
 
 
 @pytest.mark.postgres
