@@ -169,7 +169,9 @@ def _loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
         return task.loss(model(x), y)
 
 
-def run_fixed(task: Task, batch: int, seed: int, budget: int) -> dict[str, Any]:
+def run_fixed(task: Task, batch: int, seed: int, budget: int,
+              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """The plain loop at a fixed batch; ``on_step(samples, loss)`` after every optimizer step, if given."""
     torch.manual_seed(seed)
     model = task.make_model()
     peak = task.lr * math.sqrt(batch / BASE)
@@ -186,6 +188,8 @@ def run_fixed(task: Task, batch: int, seed: int, budget: int) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if step < steps:  # OneCycleLR refuses a step past its total
             sched.step()
+        if on_step is not None:
+            on_step(step * batch, loss.item())
         if rec.due(step * batch) or step == steps:
             rec.evaluate(model, step * batch, step, batch, loss.item(), scheduled_lr=opt.param_groups[0]["lr"])
             if rec.done:

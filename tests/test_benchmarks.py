@@ -445,3 +445,17 @@ def test_readme_figures_are_those_the_committed_results_give():
     for task in user_loop.TASKS.values():
         loop = json.loads((task.out / "results.json").read_text())
         assert user_loop.readme_block(task, report.summarize(loop)) in readme
+
+
+def test_evidence_placebo_changes_are_judged_like_growths_over_the_controllers_window():
+    """Each placebo change (a batch to itself) is judged once its window has passed, at the point it
+    was made, and the summary counts every verdict of its task and batch."""
+    from benchmarks import evidence
+
+    budget = 20_000
+    run = evidence.placebo_run(("clean", 64, 0, budget))
+    assert [v["at"] for v in run["verdicts"]] == [math.ceil(p * budget / 64) * 64 for p in evidence.POINTS]
+    assert all(math.isnan(v["efficiency"]) or (v["efficiency"] >= -1 and v["se"] >= 0) for v in run["verdicts"])
+    (row,) = evidence.summarize([run])
+    assert (row["task"], row["batch"], row["verdicts"]) == ("clean", 64, len(evidence.POINTS))
+    assert 0.0 <= row["failed"] <= 1.0
