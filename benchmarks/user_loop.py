@@ -32,6 +32,12 @@ Two tasks run the same loop, one that rewards growing fast and one that rewards 
   the gradient noise scale reads in the thousands): with the sample budget fixed, fixed-32 ends best
   and only 32 to 128 reach the target, fixed-128 first. Results go to ``results/user_loop_clean/``.
 
+Beside fixed batches and the controller, two peers run in the same loop (:mod:`benchmarks.baselines`):
+``ramp``, a linear batch warm-up from 32 to 1024 over the first quarter of the budget (as in
+Megatron-LM and OLMo), and ``seesaw`` (Seesaw 2025: where the schedule would halve the LR, double
+the batch and cut the LR by sqrt(2)). Both draw each batch from the stream and advance OneCycle by
+samples.
+
 Figures are medians over seeds, paired by seed, with 95 % bootstrap intervals
 (:func:`benchmarks.report.summarize`, the suite's goals). Wall time counts training only:
 evaluation runs inside ``controller.paused()`` and off the fixed loops' clocks.
@@ -60,6 +66,7 @@ from torch import nn
 from adabatch import AdaptiveBatchController, ControllerConfig
 from adabatch import workloads
 from adabatch.workloads import Data, Workload
+from benchmarks.baselines import LinearRamp, Seesaw
 from benchmarks.loops import Recorder
 from benchmarks.report import fmt_est, plots, summarize, update_readme
 
@@ -70,7 +77,9 @@ WEIGHT_DECAY = 0.05
 CLIP = 1.0
 LABEL_NOISE = 1.5  # standard deviation of the Gaussian noise on the teacher's logits
 FIXED = (32, 64, 128, 256, 512, 1024)
-METHODS = [f"fixed-{b}" for b in FIXED] + ["adabatch", "adabatch-goodput"]
+MAX_BATCH = 4096  # the largest batch Seesaw may reach (adabatch's default max_batch)
+RAMP_SHARE = 0.25  # the ramp reaches the sweep's largest batch after this share of the budget (as in the suite)
+METHODS = [f"fixed-{b}" for b in FIXED] + ["ramp", "seesaw", "adabatch", "adabatch-goodput"]
 CONFIGS = {"adabatch": ControllerConfig(), "adabatch-goodput": ControllerConfig(policy="goodput")}
 
 
@@ -198,6 +207,38 @@ def run_fixed(task: Task, batch: int, seed: int, budget: int,
     return rec.finish()
 
 
+def run_scheduled(task: Task, method: str, seed: int, budget: int) -> dict[str, Any]:
+    """The plain loop with the batch and LR of a peer's schedule (:mod:`benchmarks.baselines`): a linear
+    batch ramp to the sweep's largest batch, or Seesaw. Each step draws the batch the schedule names
+    from the stream and runs at its LR (the schedule's, advanced by samples, scaled by the sqrt rule;
+    Seesaw's own rule for Seesaw); the LR is set on both parameter groups."""
+    wl = task.workload
+    plan = LinearRamp(wl, budget, end=max(FIXED), share=RAMP_SHARE) if method == "ramp" else \
+        Seesaw(wl, budget, max_batch=MAX_BATCH)
+    torch.manual_seed(seed)
+    model = task.make_model()
+    opt = make_optimizer(model, task.lr)
+    rec = Recorder(wl, task.make_data(seed), method, seed, budget, task.eval_every)
+    samples = steps = 0
+    batch, lr = plan.step(0)
+    loader = torch.utils.data.DataLoader(Stream(task, seed, lambda: batch), batch_size=None)
+    for x, y in loader:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = _loss(task, model, x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        samples, steps = samples + len(x), steps + 1
+        if rec.due(samples):
+            rec.evaluate(model, samples, steps, len(x), loss.item(), scheduled_lr=lr)
+            if rec.done:
+                break
+        batch, lr = plan.step(samples)  # the stream draws the next micro-batch after this
+    return rec.finish(plan=plan.describe())
+
+
 def run_adabatch(task: Task, method: str, seed: int, budget: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = task.make_model()
@@ -228,8 +269,12 @@ def run_one(job: tuple[str, str, int, int]) -> dict[str, Any]:
     task = TASKS[key]
     torch.set_num_threads(1)
     t0 = time.time()
-    run = run_fixed(task, int(method.split("-")[1]), seed, budget) if method.startswith("fixed-") else \
-        run_adabatch(task, method, seed, budget)
+    if method.startswith("fixed-"):
+        run = run_fixed(task, int(method.split("-")[1]), seed, budget)
+    elif method in ("ramp", "seesaw"):
+        run = run_scheduled(task, method, seed, budget)
+    else:
+        run = run_adabatch(task, method, seed, budget)
     run.update(eval_every=task.eval_every, run_wall_seconds=time.time() - t0)
     return run
 
@@ -249,7 +294,9 @@ def render(task: Task, results: dict[str, Any], summary: dict[str, Any], figures
              f"Target: {_score(task)}; budget {results['budget']:,} samples, evaluated every {task.eval_every:,}. "
              f"Hindsight-best fixed batch: `{s['hindsight_best']}`; best final metric among fixed batches: "
              f"`{s['best_final']}`. `adabatch` runs its untuned defaults; `adabatch-goodput` the opt-in, "
-             "timing-driven policy.", "",
+             f"timing-driven policy; `ramp` grows the batch linearly from {BASE} to {max(FIXED)} over the first "
+             f"{RAMP_SHARE:.0%} of the budget, `seesaw` doubles it (up to {MAX_BATCH}) wherever OneCycle would halve "
+             "the LR, cutting the LR by sqrt(2) instead.", "",
              "| goal (`adabatch`, defaults) | median [95 % CI] | line | met? |", "|---|---|---|---|"]
     for g in s["goals"]:
         if g.key == "tuned":  # no study tunes this loop
@@ -281,7 +328,7 @@ def readme_block(task: Task, summary: dict[str, Any]) -> str:
     start, end = markers(task)
     final = "final accuracy" if task.metric == "accuracy" else "final validation MSE"
     lines = [start, "", f"| method | reached | time / {best} (hindsight best) | {final} |", "|---|---|---|---|"]
-    for m in ("adabatch", "adabatch-goodput", *(f"fixed-{b}" for b in FIXED)):
+    for m in ("adabatch", "adabatch-goodput", "ramp", "seesaw", *(f"fixed-{b}" for b in FIXED)):
         if m in rows:
             row = rows[m]
             vs = fmt_est(row["time_vs_best"]) if row["time_vs_best"] is not None else "n/a"

@@ -459,3 +459,16 @@ def test_evidence_placebo_changes_are_judged_like_growths_over_the_controllers_w
     (row,) = evidence.summarize([run])
     assert (row["task"], row["batch"], row["verdicts"]) == ("clean", 64, len(evidence.POINTS))
     assert 0.0 <= row["failed"] <= 1.0
+
+
+def test_user_loop_peers_draw_the_batch_their_schedule_names_from_the_stream():
+    """The ramp reaches the sweep's largest batch after a quarter of the budget and the stream hands
+    the loop micro-batches of that size; Seesaw keeps the base batch until OneCycle has halved the LR
+    (65 % of the budget: 30 % warm-up, then half of the cosine), and grows after."""
+    from benchmarks import user_loop
+
+    ramp = user_loop.run_one(("clean", "ramp", 0, 16_000))
+    assert ramp["evals"][-1]["batch"] == max(user_loop.FIXED) and ramp["samples"] >= 16_000
+    seesaw = user_loop.run_one(("clean", "seesaw", 0, 16_000))
+    assert seesaw["evals"][0]["batch"] == user_loop.BASE  # at 10,000 of 16,000 samples (62 %)
+    assert seesaw["evals"][-1]["batch"] > user_loop.BASE
