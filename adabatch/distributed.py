@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -159,7 +160,14 @@ def digest(values: Sequence[Any]) -> str:
 
 
 def close() -> None:
-    """Leave the process group (after a barrier: gloo aborts a peer still in its last collective)."""
+    """Leave the process group (after a barrier: gloo aborts a peer still in its last collective).
+
+    A DDP wrapper that is no longer used but sits in a reference cycle keeps its reducer, and with it
+    the process group's backend, alive past ``destroy_process_group`` until the interpreter shuts
+    down, where freeing it aborted the process ("terminate called without an active exception",
+    about 1 exit in 15 on a loaded machine): the cycles are collected first.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
