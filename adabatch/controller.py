@@ -50,7 +50,7 @@ from torch import Tensor
 from adabatch.clock import TrainingClock
 from adabatch.config import ConfigError, ControllerConfig
 from adabatch.decide import Change, Decider, snap_down
-from adabatch.gradnorm import adam_denominators
+from adabatch.gradnorm import ADAM_FAMILY, adam_denominators
 from adabatch.lr import LRLimit, LRScaler, ScheduleFollower, lr_factor, resolve_rule
 from adabatch.measure import (ExampleNorms, PieceNorms, Unsupported, compiled, example_denominators, example_layers,
                               mean_gradient_norms)
@@ -75,7 +75,6 @@ PRECONDITIONER_WARMUP_STEPS = 10
 TIGHT_INTERVAL, LOOSE_INTERVAL = 1.5, 2.5
 # A measurement this many standard deviations from the window's means resets the spacing.
 SURPRISE = 4.0
-ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 
 
 class NonFiniteLossError(FloatingPointError):

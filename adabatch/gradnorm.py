@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 RELATIVE_FLOOR = 1e-2  # of the tensor's RMS sqrt(v_hat): see the module docstring
+# optimizers whose state holds Adam's second moments (exp_avg_sq), read by adam_denominators
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
 
 
 def grad_norms(params: Sequence[Tensor], denominators: Sequence[Tensor] | None = None) -> list[Tensor]:

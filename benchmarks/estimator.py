@@ -43,7 +43,7 @@ from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
 from adabatch.config import config_changes
-from adabatch.gradnorm import adam_denominators
+from adabatch.exact import per_example_gradients
 from adabatch.workloads import Workload, get_workload, make_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,10 +52,9 @@ LOCAL_POINTS = 4  # exact values averaged into the local one
 
 def exact_noise_scale(model: nn.Module, wl: Workload, x: torch.Tensor, y: torch.Tensor,
                       optimizer: torch.optim.Optimizer | None = None, chunk: int = 500) -> tuple[float, float, float]:
-    """(B_simple, |G|^2, tr(Sigma)) of the population (x, y) at the model's weights, per-example exact.
-
-    With an Adam-family ``optimizer`` the per-example gradients are divided by sqrt(v_hat) + eps,
-    as the controller's preconditioned estimate is. tr(Sigma) uses divisor N (population).
+    """(B_simple, |G|^2, tr(Sigma)) of the population (x, y) at the model's weights, per-example exact
+    (:func:`adabatch.exact.per_example_gradients`, through Adam's preconditioner when ``optimizer``
+    is Adam's). tr(Sigma) uses divisor N (population).
 
     Example:
         >>> wl = get_workload("linreg"); _ = torch.manual_seed(0); m = wl.make_model(); d = wl.make_data(0)
@@ -63,36 +62,14 @@ def exact_noise_scale(model: nn.Module, wl: Workload, x: torch.Tensor, y: torch.
         >>> b > 0 and g2 > 0 and tr > 0
         True
     """
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    names = list(params)
-    den = None
-    if optimizer is not None:
-        d = adam_denominators(optimizer, [dict(model.named_parameters())[k] for k in names])
-        den = None if d is None else torch.cat([t.reshape(-1) for t in d])
-
-    def loss_one(p, xi, yi):
-        return wl.loss(functional_call(model, p, (xi[None],)), yi[None])
-
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    total, sq = None, 0.0
     was_training = model.training
     model.eval()  # no dropout in these models; keeps functional_call's buffers unchanged
     try:
-        for xs, ys in zip(x.split(chunk), y.split(chunk)):
-            g = per_example(params, xs, ys)
-            flat = torch.cat([g[k].reshape(len(xs), -1) for k in names], 1).double()
-            if den is not None:
-                flat = flat / den.double()
-            total = flat.sum(0) if total is None else total + flat.sum(0)
-            sq += float((flat * flat).sum())
+        sums = per_example_gradients(model, wl.loss, x, y, optimizer, chunk)
     finally:
         model.train(was_training)
-    n = len(x)
-    mean = total / n
-    g2 = float(mean @ mean)
-    trace = sq / n - g2
+    g2 = sums.g2
+    trace = sums.squares / sums.n - g2
     return trace / g2, g2, trace
 
 
