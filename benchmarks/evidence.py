@@ -56,7 +56,7 @@ def placebo_run(job: tuple[str, int, int, int]) -> dict[str, Any]:
     points = [int(p * budget) for p in POINTS]
     verdicts: list[dict[str, Any]] = []
 
-    def on_step(samples: int, loss: float) -> None:
+    def on_step(samples: int, loss: float, *_: object) -> None:
         tracker.record(samples, loss, batch)
         while points and samples >= points[0]:
             window = max(cfg.min_window, cfg.window_fraction * samples)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -102,8 +102,11 @@ def epochs(n: int, seed: int) -> Iterator[torch.Tensor]:
 
 
 def train_baseline(wl: Workload, data: Data, seed: int, plan: BatchSchedule, eval_every: int,
-                   method: str) -> dict[str, Any]:
+                   method: str,
+                   on_step: Callable[[int, float, torch.nn.Module, torch.optim.Optimizer], None] | None = None
+                   ) -> dict[str, Any]:
     """Plain PyTorch training whose batch and LR follow ``plan``: fixed, heuristic, ramp or Seesaw.
+    ``on_step(samples, loss, model, optimizer)``, if given, runs after every step.
 
     Example:
         >>> from adabatch.workloads import get_workload
@@ -136,7 +139,10 @@ def train_baseline(wl: Workload, data: Data, seed: int, plan: BatchSchedule, eva
             loss.backward()
             opt.step()
             samples, steps = samples + batch, steps + 1
-            epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
+            value = loss.item()
+            epoch_loss, epoch_steps = epoch_loss + value, epoch_steps + 1
+            if on_step is not None:
+                on_step(samples, value, model, opt)
             if rec.due(samples):
                 rec.evaluate(model, samples, steps, batch, loss.item(), lr=lr)
         if rec.done:

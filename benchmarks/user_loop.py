@@ -66,7 +66,7 @@ from torch import nn
 from adabatch import AdaptiveBatchController, ControllerConfig
 from adabatch import workloads
 from adabatch.workloads import Data, Workload
-from benchmarks.baselines import LinearRamp, Seesaw
+from benchmarks.baselines import BatchSchedule, LinearRamp, Seesaw
 from benchmarks.loops import Recorder
 from benchmarks.report import fmt_est, plots, summarize, update_readme
 from benchmarks.run import RAMP_SHARE  # the suite's ramp: the largest batch after a quarter of the budget
@@ -189,8 +189,10 @@ def _loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 def run_fixed(task: Task, batch: int, seed: int, budget: int,
-              on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """The plain loop at a fixed batch; ``on_step(samples, loss)`` after every optimizer step, if given."""
+              on_step: Callable[[int, float, nn.Module, torch.optim.Optimizer], None] | None = None
+              ) -> dict[str, Any]:
+    """The plain loop at a fixed batch; ``on_step(samples, loss, model, optimizer)`` after every
+    optimizer step, if given."""
     torch.manual_seed(seed)
     model = task.make_model()
     peak = task.lr * math.sqrt(batch / BASE)
@@ -208,7 +210,7 @@ def run_fixed(task: Task, batch: int, seed: int, budget: int,
         if step < steps:  # OneCycleLR refuses a step past its total
             sched.step()
         if on_step is not None:
-            on_step(step * batch, loss.item())
+            on_step(step * batch, loss.item(), model, opt)
         if rec.due(step * batch) or step == steps:
             rec.evaluate(model, step * batch, step, batch, loss.item(), scheduled_lr=opt.param_groups[0]["lr"])
             if rec.done:
@@ -216,17 +218,25 @@ def run_fixed(task: Task, batch: int, seed: int, budget: int,
     return rec.finish()
 
 
-def run_scheduled(task: Task, method: str, seed: int, budget: int) -> dict[str, Any]:
+def run_scheduled(task: Task, method: str, seed: int, budget: int,
+                  make_plan: Callable[[nn.Module, torch.optim.Optimizer], BatchSchedule] | None = None
+                  ) -> dict[str, Any]:
     """The plain loop with the batch and LR of a peer's schedule (:mod:`benchmarks.baselines`): a linear
     batch ramp to the sweep's largest batch, or Seesaw. Each step draws the batch the schedule names
     from the stream and runs at its LR (the schedule's, advanced by samples, scaled by the sqrt rule;
-    Seesaw's own rule for Seesaw); the LR is set on both parameter groups."""
+    Seesaw's own rule for Seesaw); the LR is set on both parameter groups. ``make_plan(model,
+    optimizer)``, if given, builds another schedule (one that reads the model, as
+    :mod:`benchmarks.critical`'s oracle does)."""
     wl = task.workload
-    plan = LinearRamp(wl, budget, end=max(FIXED), share=RAMP_SHARE) if method == "ramp" else \
-        Seesaw(wl, budget, max_batch=MAX_BATCH)
     torch.manual_seed(seed)
     model = task.make_model()
     opt = make_optimizer(model, task.lr)
+    if make_plan is not None:
+        plan = make_plan(model, opt)
+    elif method == "ramp":
+        plan = LinearRamp(wl, budget, end=max(FIXED), share=RAMP_SHARE)
+    else:
+        plan = Seesaw(wl, budget, max_batch=MAX_BATCH)
     rec = Recorder(wl, task.make_data(seed), method, seed, budget, task.eval_every)
     samples = steps = 0
     batch, lr = plan.step(0)

@@ -445,6 +445,10 @@ def test_readme_figures_are_those_the_committed_results_give():
     for task in user_loop.TASKS.values():
         loop = json.loads((task.out / "results.json").read_text())
         assert user_loop.readme_block(task, report.summarize(loop)) in readme
+    from benchmarks import critical
+
+    exact = json.loads((results_dir / "critical.json").read_text())
+    assert critical.readme_block(critical.summarize(exact)) in readme
 
 
 def test_evidence_placebo_changes_are_judged_like_growths_over_the_controllers_window():
@@ -472,3 +476,39 @@ def test_user_loop_peers_draw_the_batch_their_schedule_names_from_the_stream():
     seesaw = user_loop.run_one(("clean", "seesaw", 0, 16_000))
     assert seesaw["evals"][0]["batch"] == user_loop.BASE  # at 10,000 of 16,000 samples (62 %)
     assert seesaw["evals"][-1]["batch"] > user_loop.BASE
+
+
+def test_noise_oracle_sets_the_batch_from_the_exact_b_noise_and_the_loop_draws_it():
+    """The oracle schedule re-reads B_noise every ``every`` samples (10,000 on the clean task), sets
+    the batch to the factor times it in multiples of 32, and the loop's stream then hands out
+    micro-batches of that size."""
+    from adabatch.decide import snap_down
+    from benchmarks import critical
+
+    run = critical.oracle_run(("clean", 0.5, 0, 30_000))
+    path = run["plan"]["path"]
+    assert [p["samples"] // 10_000 for p in path] == [1, 2]
+    for p in path:
+        assert p["b_noise"] > 0 and p["batch"] == snap_down(0.5 * p["b_noise"], 32, 32, critical.MAX_BATCH)
+    first_after = next(e for e in run["evals"] if e["samples"] >= 20_000)  # planned after the first reading
+    assert first_after["batch"] == path[0]["batch"]
+    assert run["evals"][0]["batch"] == 32  # before any reading: the base batch
+
+
+def test_noise_profile_of_a_suite_workload_reads_at_its_checkpoints_beside_the_committed_sweep(monkeypatch):
+    """A profile run reads the exact noise scales at each checkpoint share of the budget, on the
+    workload's own training loop; the sweep beside it names the committed hindsight-best fixed batch."""
+    from benchmarks import critical, report
+
+    monkeypatch.setattr(critical, "POINTS", (0.1, 0.8))  # two of the five, each reading takes seconds
+    run = critical.profile_run(("mnist1d-mlp", 0, 8_000))
+    assert [c["samples"] for c in run["checkpoints"]] == [max(1, int(p * 8_000 / 32)) * 32 for p in critical.POINTS]
+    assert all(0 < c["b_noise"] < math.inf and 0 < c["b_simple"] < math.inf for c in run["checkpoints"])
+    sw = critical.sweep("mnist1d-mlp-adamw", [0, 1, 2])
+    full = json.loads((critical.RESULTS / "full" / "results.json").read_text())
+    methods = {}
+    for r in full["runs"]:
+        if r["workload"] == "mnist1d-mlp-adamw":
+            methods.setdefault(r["method"], []).append(r)
+    assert sw["hindsight_best"] == report.hindsight_best(methods)
+    assert sw["largest_reaching"] < max(sw["fixed"])  # on this workload the largest batches miss the target
