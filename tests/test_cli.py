@@ -239,7 +239,9 @@ SLOW_STUDY = textwrap.dedent("""
 
 def start_worker(tmp_path: Path, url: str) -> subprocess.Popen:
     (tmp_path / "slow.toml").write_text(SLOW_STUDY)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # Micro-batches of 30 ms make a trial of several seconds: a signal sent once the first part of its
+    # trace is committed lands while it runs, however slowly the test polls on a loaded machine.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ADABATCH_SLOW_STEP_S="0.03")
     return subprocess.Popen([sys.executable, "-m", "adabatch.cli", "study", "run", "slow.toml", "--storage", url,
                              "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
