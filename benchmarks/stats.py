@@ -59,7 +59,8 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], seed: int = 0) -> Estim
     a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if len(a) == 0 or len(b) == 0:
         return Estimate(math.nan, None, 0)
-    med = float(np.median(a) / np.median(b))
+    with np.errstate(invalid="ignore"):  # inf / inf (neither reached): nan, which the reports print as n/a
+        med = float(np.median(a) / np.median(b))
     n = min(len(a), len(b))
     if len(a) != len(b) or n < MIN_SEEDS_FOR_CI or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return Estimate(med, None, n)
