@@ -20,6 +20,7 @@ NOISE_KINDS = ("auto", "simple", "preconditioned")
 POLICIES = ("noise", "goodput", "energy", "zeus")
 SCHEDULE_MODES = ("samples", "progress", "steps")
 MEASUREMENTS = ("auto", "examples", "pieces")
+BETA_RULES = ("none", "beta2", "both")  # adabatch.betas
 
 # Fields of earlier versions, and what replaced them (for a clear error when an old file is loaded).
 RENAMED = {
@@ -135,6 +136,10 @@ class ControllerConfig:
     lr_rule: str = "auto"
     # Samples over which the LR factor ramps to its new value after the batch grows.
     lr_warmup_samples: int = 0
+    # Adam's betas for a changing batch (adabatch.betas): "beta2" raises beta2 to the power
+    # batch / base_batch for each step, so the second moment remembers as many samples at every
+    # batch; "both" does the same for beta1; "none" leaves them as set.
+    beta_rule: str = "none"
     # How the controller steps the scheduler it is given: by samples / base_batch (a schedule sized
     # for the base batch ends when the sample budget does), by AdaScale's gain-weighted progress,
     # or once per optimizer step.
@@ -188,6 +193,7 @@ class ControllerConfig:
         _check(_finite(self.memory_fraction) and 0 < self.memory_fraction <= 1, "memory_fraction",
                self.memory_fraction, "a number in (0, 1]")
         _check(self.lr_rule in LR_RULES, "lr_rule", self.lr_rule, f"one of {', '.join(LR_RULES)}")
+        _check(self.beta_rule in BETA_RULES, "beta_rule", self.beta_rule, f"one of {', '.join(BETA_RULES)}")
         _check(self.schedule in SCHEDULE_MODES, "schedule", self.schedule, f"one of {', '.join(SCHEDULE_MODES)}")
         _check(self.noise_kind in NOISE_KINDS, "noise_kind", self.noise_kind, f"one of {', '.join(NOISE_KINDS)}")
         _check(isinstance(self.extra, Mapping), "extra", self.extra, "a mapping")

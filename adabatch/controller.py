@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from adabatch.betas import BetaScaler
 from adabatch.clock import TrainingClock
 from adabatch.config import ConfigError, ControllerConfig
 from adabatch.decide import Change, Decider, snap_down
@@ -169,6 +170,7 @@ class AdaptiveBatchController:
         self.noise_kind = self._resolve_noise_kind(config.noise_kind)
         self.lr_rule = resolve_rule(config.lr_rule, optimizer)
         self.lr = LRScaler(self.lr_rule, self.base_batch, config.lr_warmup_samples)
+        self.betas = BetaScaler(config.beta_rule, self.base_batch)
         self.schedule = None if scheduler is None else ScheduleFollower(scheduler, self.base_batch, config.schedule)
         self.estimator = NoiseScaleEstimator(config.window_fraction, config.min_window)
         self.policy: BatchPolicy = policy if policy is not None else make_policy(config)
@@ -432,6 +434,7 @@ class AdaptiveBatchController:
             torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
         groups = self.optimizer.param_groups
         saved = self.lr.apply(self.optimizer, self._factor) if self._factor != 1.0 else None
+        saved_betas = self.betas.apply(self.optimizer, step_batch)
         try:
             applied_lr = groups[0]["lr"]
             if self.scaler is not None:
@@ -443,6 +446,7 @@ class AdaptiveBatchController:
         finally:
             if saved is not None:
                 self.lr.restore(self.optimizer, saved)
+            self.betas.restore(self.optimizer, saved_betas)
         self.optimizer.zero_grad(set_to_none=True)
         if self.schedule is not None:
             gain = lr_factor("adascale", step_batch, self.base_batch, self.estimator.b_simple)
@@ -670,7 +674,12 @@ class AdaptiveBatchController:
         if self._measure_at(self.steps) and (self.measurement == "examples" or plan.measured):
             den, ready = None, True
             if self.noise_kind == "preconditioned":
-                den = adam_denominators(self.optimizer, self._params)
+                # Adam's bias correction at the betas this step will use (adabatch.betas)
+                saved_betas = self.betas.apply(self.optimizer, plan.samples * self.world_size)
+                try:
+                    den = adam_denominators(self.optimizer, self._params)
+                finally:
+                    self.betas.restore(self.optimizer, saved_betas)
                 ready = den is not None and self.steps >= PRECONDITIONER_WARMUP_STEPS  # Adam's moments settle first
             if ready and self.measurement == "examples":
                 self._denominators = den

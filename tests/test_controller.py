@@ -122,6 +122,56 @@ def test_lr_factor_applies_only_during_the_step_and_a_per_step_schedule_is_kept_
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
 
 
+@pytest.mark.parametrize("rule, power", [("none", (1, 1)), ("beta2", (1, 4)), ("both", (4, 4))])
+def test_adam_betas_follow_the_batch_during_the_step_and_the_user_keeps_theirs(rule, power):
+    """At four times the base batch, a step under ``beta_rule`` is AdamW's step with each scaled beta
+    raised to the fourth power (memory constant in samples); param_groups and the optimizer's state
+    dict still hold the user's betas."""
+    x, y = _data(32 * 5)
+    ref, model = _mlp(), _mlp()
+    betas = (0.9, 0.99)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01 * 2, betas=(betas[0] ** power[0], betas[1] ** power[1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=betas)
+    ctl = AdaptiveBatchController(model, opt, 8, _fixed(32, base_batch=8, lr_rule="sqrt", beta_rule=rule))
+    for s in range(5):
+        xb, yb = x[32 * s:32 * (s + 1)], y[32 * s:32 * (s + 1)]
+        nn.functional.cross_entropy(ref(xb), yb).backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        for m in range(4):
+            ctl.backward(nn.functional.cross_entropy(model(xb[8 * m:8 * (m + 1)]), yb[8 * m:8 * (m + 1)]))
+            ctl.step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.param_groups[0]["betas"] == betas and opt.state_dict()["param_groups"][0]["betas"] == betas
+    if rule != "none":  # the same steps at the user's betas end elsewhere: the rule is what made them match
+        plain = _mlp()
+        opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.02, betas=betas)
+        for s in range(5):
+            nn.functional.cross_entropy(plain(x[32 * s:32 * (s + 1)]), y[32 * s:32 * (s + 1)]).backward()
+            opt_plain.step()
+            opt_plain.zero_grad()
+        assert not torch.allclose(plain[0].weight, model[0].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_the_beta_rule_keeps_the_half_life_in_samples_and_leaves_optimizers_without_betas_alone():
+    from adabatch.betas import BetaScaler, scaled_betas
+
+    for ratio in (0.25, 1.0, 3.0, 64.0):
+        b1, b2 = scaled_betas((0.9, 0.999), ratio, "both")
+        for new, old in ((b1, 0.9), (b2, 0.999)):
+            assert math.log(0.5) / math.log(new) * ratio == pytest.approx(math.log(0.5) / math.log(old))
+    sgd = torch.optim.SGD(_mlp().parameters(), lr=0.1, momentum=0.9)
+    scaler = BetaScaler("both", base_batch=8)
+    assert not scaler.applies_to(sgd)
+    saved = scaler.apply(sgd, 64)
+    assert "betas" not in sgd.param_groups[0] and sgd.param_groups[0]["momentum"] == 0.9
+    scaler.restore(sgd, saved)
+    assert "betas" not in sgd.param_groups[0]
+    with pytest.raises(ConfigError, match="beta_rule"):
+        ControllerConfig(beta_rule="cubic")
+
+
 def test_a_schedule_sized_for_the_base_batch_ends_when_the_samples_do_whatever_the_batch():
     budget, base = 1600, 8
     finals = []
