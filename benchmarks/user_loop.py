@@ -65,6 +65,7 @@ from torch import nn
 
 from adabatch import AdaptiveBatchController, ControllerConfig
 from adabatch import workloads
+from adabatch.betas import BetaScaler
 from adabatch.workloads import Data, Workload
 from benchmarks.baselines import BatchSchedule, LinearRamp, Seesaw
 from benchmarks.loops import Recorder
@@ -189,14 +190,16 @@ def _loss(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 def run_fixed(task: Task, batch: int, seed: int, budget: int,
-              on_step: Callable[[int, float, nn.Module, torch.optim.Optimizer], None] | None = None
-              ) -> dict[str, Any]:
+              on_step: Callable[[int, float, nn.Module, torch.optim.Optimizer], None] | None = None,
+              beta_rule: str = "none") -> dict[str, Any]:
     """The plain loop at a fixed batch; ``on_step(samples, loss, model, optimizer)`` after every
-    optimizer step, if given."""
+    optimizer step, if given. ``beta_rule`` sets AdamW's betas for the batch as the controller's
+    rule would (:mod:`adabatch.betas`; "none": the defaults, as users run a fixed batch)."""
     torch.manual_seed(seed)
     model = task.make_model()
     peak = task.lr * math.sqrt(batch / BASE)
     opt = make_optimizer(model, peak)
+    betas = BetaScaler(beta_rule, BASE)  # applied around each step, as in the controller (OneCycleLR cycles beta1)
     steps = budget // batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=steps)
     rec = Recorder(task.workload, task.make_data(seed), f"fixed-{batch}", seed, budget, task.eval_every)
@@ -205,7 +208,9 @@ def run_fixed(task: Task, batch: int, seed: int, budget: int,
         loss = _loss(task, model, x, y)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        saved = betas.apply(opt, batch)
         opt.step()
+        betas.restore(opt, saved)
         opt.zero_grad(set_to_none=True)
         if step < steps:  # OneCycleLR refuses a step past its total
             sched.step()
@@ -258,12 +263,14 @@ def run_scheduled(task: Task, method: str, seed: int, budget: int,
     return rec.finish(plan=plan.describe())
 
 
-def run_adabatch(task: Task, method: str, seed: int, budget: int) -> dict[str, Any]:
+def run_adabatch(task: Task, method: str, seed: int, budget: int,
+                 config: ControllerConfig | None = None) -> dict[str, Any]:
+    """The loop through the controller, at ``CONFIGS[method]`` unless ``config`` is given."""
     torch.manual_seed(seed)
     model = task.make_model()
     opt = make_optimizer(model, task.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=task.lr, total_steps=budget // BASE)
-    ctl = AdaptiveBatchController(model, opt, micro_batch_size=BASE, config=CONFIGS[method], scheduler=sched,
+    ctl = AdaptiveBatchController(model, opt, micro_batch_size=BASE, config=config or CONFIGS[method], scheduler=sched,
                                   max_grad_norm=CLIP)
     rec = Recorder(task.workload, task.make_data(seed), method, seed, budget, task.eval_every)
     for x, y in torch.utils.data.DataLoader(Stream(task, seed, ctl.next_micro_batch_size), batch_size=None):

@@ -449,6 +449,10 @@ def test_readme_figures_are_those_the_committed_results_give():
 
     exact = json.loads((results_dir / "critical.json").read_text())
     assert critical.readme_block(critical.summarize(exact)) in readme
+    from benchmarks import beta_rule
+
+    betas = json.loads((results_dir / "beta_rule.json").read_text())
+    assert beta_rule.readme_block(beta_rule.summary(betas["runs"])) in readme
 
 
 def test_evidence_placebo_changes_are_judged_like_growths_over_the_controllers_window():
@@ -512,3 +516,58 @@ def test_noise_profile_of_a_suite_workload_reads_at_its_checkpoints_beside_the_c
             methods.setdefault(r["method"], []).append(r)
     assert sw["hindsight_best"] == report.hindsight_best(methods)
     assert sw["largest_reaching"] < max(sw["fixed"])  # on this workload the largest batches miss the target
+
+
+def test_a_fixed_user_loop_under_a_beta_rule_steps_at_the_betas_the_controller_would_use():
+    """beta_rule.py compares rules on fixed batches and adabatch alike: a fixed batch of 128 (four
+    times the base) steps AdamW at beta2 ** 4 under ``beta2`` (beta1 as OneCycleLR cycles it), at the
+    defaults under ``none``, and the groups hold the unscaled betas between steps."""
+    from benchmarks import user_loop
+
+    inside, between = {}, {}
+    for rule in ("none", "beta2"):
+        def on_step(samples, loss, model, opt, rule=rule):
+            if rule not in inside:
+                inside[rule] = []
+                opt.register_step_pre_hook(lambda o, args, kw: inside[rule].append(o.param_groups[0]["betas"]))
+            between.setdefault(rule, []).append(opt.param_groups[0]["betas"][1])
+        user_loop.run_fixed(user_loop.TASKS["clean"], 128, 0, 1280, on_step=on_step, beta_rule=rule)
+    assert len(inside["beta2"]) == 9 and set(between["beta2"]) == set(between["none"]) == {0.999}
+    assert {b2 for _, b2 in inside["none"]} == {0.999} and {b2 for _, b2 in inside["beta2"]} == {0.999 ** 4}
+    assert [b1 for b1, _ in inside["beta2"]] == [b1 for b1, _ in inside["none"]]  # OneCycleLR's cycle, unscaled
+
+
+def test_beta_rule_summary_judges_each_rule_apart_and_counts_what_diverged():
+    from benchmarks import beta_rule
+
+    runs = []
+    for rule, fixed_steps in (("none", 100), ("beta2", 50)):
+        for seed in (0, 1, 2):
+            for method, steps, secs in (("adabatch", 40, 1.0), ("fixed-32", 4 * fixed_steps, 4.0),
+                                        ("fixed-128", fixed_steps, 2.0)):
+                diverged = rule == "beta2" and method == "fixed-128" and seed == 0
+                runs.append({"task": "clean", "rule": rule, "method": method, "seed": seed, "workload": "user-loop-clean",
+                             "reached_target": not diverged, "steps_to_target": None if diverged else steps,
+                             "seconds_to_target": None if diverged else secs, "samples_to_target": None,
+                             "final_metric": math.nan if diverged else 0.09, "diverged": diverged, "rescues": 0})
+    s = beta_rule.summary(runs)["clean"]
+    assert s["none"]["hindsight_best"] == "fixed-128"
+    assert s["beta2"]["hindsight_best"] == "fixed-32"  # fixed-128 diverged on one seed under beta2
+    assert s["beta2"]["methods"]["fixed-128"]["diverged"] == 1 and s["none"]["methods"]["fixed-128"]["diverged"] == 0
+    assert s["none"]["methods"]["fixed-128"]["steps_to_target"] == 100
+    assert "fixed-128 (hindsight-best)" in beta_rule.markdown({"minutes": 1.0, "seeds": [0, 1, 2], "jobs": 2,
+                                                              "summary": {"clean": s}})
+
+
+def test_beta_rule_suite_runs_are_the_suites_adabatch_runs_under_the_rule(monkeypatch):
+    """Under ``none`` a suite run of beta_rule is benchmarks.run's own adabatch run (same config, loop
+    and budget), so its table sits beside the committed suite; under ``beta2`` the run differs."""
+    from benchmarks import beta_rule, run
+
+    spec = dict(run.SUITES["full"]["workloads"]["mnist1d-mlp-adamw"], budget=6_000, eval_every=3_000)
+    monkeypatch.setitem(run.SUITES["full"]["workloads"], "mnist1d-mlp-adamw", spec)
+    ours = beta_rule.suite_one(("mnist1d-mlp-adamw", "none", 0))
+    theirs = run.run_one("adabatch", "mnist1d-mlp-adamw", 0, spec, 512, None, "")
+    assert ours["final_metric"] == theirs["final_metric"]
+    assert ours["largest_batch"] == max(e["batch"] for e in theirs["evals"])
+    assert beta_rule.suite_one(("mnist1d-mlp-adamw", "beta2", 0))["final_metric"] != ours["final_metric"]

@@ -1,0 +1,239 @@
+"""How much of the user loop's result is Adam's betas rather than the batch size.
+
+    python -m benchmarks.beta_rule                   # both tasks, rules none and beta2, ~8 min on 2 cores
+    python -m benchmarks.beta_rule --rules none beta2 both --readme README.md   # the committed run, ~12 min
+
+AdamW's betas are counted in steps: at a larger batch the same betas remember more samples
+(:mod:`adabatch.betas`). The controller's ``beta_rule`` keeps that memory constant in samples while
+the batch changes; a user who runs a fixed batch usually keeps the defaults. This benchmark trains,
+on each task of the user loop (:mod:`benchmarks.user_loop`), ``adabatch`` and every fixed batch of
+the sweep once per rule, with the rule applied to both alike (a fixed batch B runs at
+``betas ** (B / 32)`` under ``beta2``), and judges the suite's goals within each rule: does the
+controller beat the fixed batches given the same betas, and do the fixed batches themselves train
+better or worse with the rule?
+
+Results: ``benchmarks/results/beta_rule.json`` and ``beta_rule.md``.
+
+``--suite-workloads`` trains, instead, ``adabatch`` at its defaults under each rule on workloads of
+the full suite (:mod:`benchmarks.run`'s loop, budget and seeds), and writes ``beta_rule_suite.json``
+and ``.md``: final metric and samples to the target per seed (the suite's fixed batches keep the
+defaults there; ``benchmarks/results/full`` holds them).
+
+    python -m benchmarks.beta_rule --suite-workloads mnist1d-mlp-adamw mnist1d-cnn-adamw charlm-adamw  # ~25 min
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import math
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from adabatch import ControllerConfig
+from adabatch.config import BETA_RULES
+from adabatch.workloads import get_workload
+from benchmarks import loops, user_loop
+from benchmarks.report import goals, hindsight_best, update_readme
+from benchmarks.run import SUITES, max_batch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEEDS = (0, 1, 2)
+
+
+def run_one(job: tuple[str, str, str, int]) -> dict[str, Any]:
+    """One run: ``(task key, rule, method, seed)`` with method ``adabatch`` or ``fixed-B``."""
+    key, rule, method, seed = job
+    torch.set_num_threads(1)
+    task = user_loop.TASKS[key]
+    if method == "adabatch":
+        run = user_loop.run_adabatch(task, method, seed, task.budget, ControllerConfig(beta_rule=rule))
+    else:
+        run = user_loop.run_fixed(task, int(method.split("-")[1]), seed, task.budget, beta_rule=rule)
+    keep = ("method", "workload", "seed", "metric", "target", "reached_target", "seconds_to_target",
+            "steps_to_target", "samples_to_target", "final_metric", "seconds", "diverged")
+    return {**{k: run.get(k) for k in keep}, "task": key, "rule": rule,
+            "batches": sorted({e["batch"] for e in run["evals"]}),
+            "rescues": sum(d["reason"] == "rescue" for d in run.get("decisions") or [])}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task and rule: the hindsight-best fixed batch, every method's median final metric and
+    steps to target, and the suite's goals judged within the rule."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(r["task"] for r in runs):
+        higher = user_loop.TASKS[key].workload.higher_is_better
+        out[key] = {}
+        for rule in dict.fromkeys(r["rule"] for r in runs if r["task"] == key):
+            methods: dict[str, list[dict]] = {}
+            for r in sorted((r for r in runs if r["task"] == key and r["rule"] == rule), key=lambda r: r["seed"]):
+                methods.setdefault(r["method"], []).append(r)
+            table = {}
+            for m, rs in methods.items():
+                finals = [r["final_metric"] for r in rs]
+                steps = [r["steps_to_target"] if r["reached_target"] else math.inf for r in rs]
+                table[m] = {"final": float(np.median([f if math.isfinite(f) else math.nan for f in finals])),
+                            "reached": sum(r["reached_target"] for r in rs), "seeds": len(rs),
+                            "steps_to_target": float(np.median(steps)), "diverged": sum(bool(r["diverged"]) for r in rs),
+                            "rescues": sum(r["rescues"] for r in rs)}
+            out[key][rule] = {"hindsight_best": hindsight_best(methods), "methods": table,
+                              "goals": [{"goal": g.name, "value": g.value, "line": g.line, "met": g.met, "note": g.note}
+                                        for g in goals(methods, higher)]}
+    return out
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else ("-" if math.isinf(x) else f"{x:.4g}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Adam's betas against the batch controller", "",
+             f"Generated by `python -m benchmarks.beta_rule` ({results['minutes']:.1f} min, seeds {results['seeds']}, "
+             f"{results['jobs']} processes of one thread). Each rule is applied to adabatch and to every fixed batch "
+             "alike (a fixed batch B runs at betas ** (B / 32) under beta2 and both). Medians over seeds; steps to "
+             "target is '-' where the median seed missed it; a final metric of n/a means a run diverged.", ""]
+    for key, rules in results["summary"].items():
+        task = user_loop.TASKS[key]
+        lines += [f"## {key} task (target {task.target}, {task.final})", "",
+                  "| rule | method | final | reached | steps to target | diverged | rescues |",
+                  "|---|---|---|---|---|---|---|"]
+        for rule, s in rules.items():
+            for m, v in s["methods"].items():
+                best = " (hindsight-best)" if m == s["hindsight_best"] else ""
+                lines.append(f"| {rule} | {m}{best} | {_fmt(v['final'])} | {v['reached']}/{v['seeds']} | "
+                             f"{_fmt(v['steps_to_target'])} | {v['diverged']} | {v['rescues']} |")
+        lines += ["", "| rule | goal | value | line | met? |", "|---|---|---|---|---|"]
+        for rule, s in rules.items():
+            for g in s["goals"]:
+                met = {True: "yes", False: "no", None: "n/a"}[g["met"]]
+                lines.append(f"| {rule} | {g['goal']} | {g['value']} | {g['line']} | "
+                             f"{met}{' (' + g['note'] + ')' if g['note'] else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def suite_one(job: tuple[str, str, int]) -> dict[str, Any]:
+    """One suite run of adabatch's defaults under a rule: ``(workload, rule, seed)``."""
+    workload, rule, seed = job
+    torch.set_num_threads(1)
+    spec = SUITES["full"]["workloads"][workload]
+    wl = get_workload(workload)
+    data = wl.make_data(seed)
+    config = ControllerConfig(beta_rule=rule)
+    top = min(config.max_batch, max_batch(len(data.x_train)))  # as benchmarks.run gives adabatch
+    run = loops.train_adabatch(wl, data, seed, config.replace(max_batch=top, max_micro_batch=top), spec["budget"],
+                               spec["eval_every"], "adabatch")
+    keep = ("workload", "seed", "metric", "target", "reached_target", "samples_to_target", "steps_to_target",
+            "seconds_to_target", "final_metric", "seconds", "diverged")
+    return {**{k: run.get(k) for k in keep}, "rule": rule, "largest_batch": max(e["batch"] for e in run["evals"])}
+
+
+def suite_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Adam's betas on the suite's workloads", "",
+             f"Generated by `python -m benchmarks.beta_rule --suite-workloads ...` ({results['minutes']:.1f} min, "
+             f"{results['jobs']} processes of one thread): adabatch's defaults under each beta rule, per seed "
+             "(samples to the target, '-' where missed; final metric; largest batch).", "",
+             "| workload | rule | " + " | ".join(f"seed {s}" for s in results["seeds"]) + " |",
+             "|---|---|" + "---|" * len(results["seeds"])]
+    for workload in dict.fromkeys(r["workload"] for r in results["runs"]):
+        for rule in dict.fromkeys(r["rule"] for r in results["runs"]):
+            cells = []
+            for seed in results["seeds"]:
+                r = next((r for r in results["runs"] if (r["workload"], r["rule"], r["seed"]) == (workload, rule, seed)),
+                         None)
+                cells.append("not run" if r is None else
+                             f"{r['samples_to_target'] if r['reached_target'] else '-'}; {r['final_metric']:.4g}; "
+                             f"{r['largest_batch']}")
+            lines.append(f"| {workload} | {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pool(fn: Callable[[Any], dict[str, Any]], jobs: list[Any], processes: int,
+          line: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """``fn`` over ``jobs`` in that order, ``processes`` at once, one progress line per finished run."""
+    runs = []
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        for i, run in enumerate(pool.imap(fn, jobs), 1):
+            runs.append(run)
+            print(f"[{i}/{len(jobs)}] {line(run)}", flush=True)
+    return runs
+
+
+def _suite(args: argparse.Namespace) -> Path:
+    seeds = args.seeds if args.seeds != list(SEEDS) else SUITES["full"]["seeds"]
+    jobs = [(w, rule, s) for w in args.suite_workloads for rule in args.rules for s in seeds]
+    t0 = time.time()
+    runs = _pool(suite_one, jobs, args.jobs, lambda r: f"{r['workload']} {r['rule']} seed {r['seed']}: final "
+                 f"{r['final_metric']:.4g}, " + (f"target at {r['samples_to_target']} samples" if r["reached_target"]
+                                                 else "target missed"))
+    results = {"seeds": seeds, "jobs": args.jobs, "minutes": (time.time() - t0) / 60, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "beta_rule_suite.json"
+    path.write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "beta_rule_suite.md").write_text(suite_markdown(results))
+    print(suite_markdown(results))
+    return path
+
+
+MARKERS = ("<!-- beta-rule:start -->", "<!-- beta-rule:end -->")
+
+
+def readme_block(summary: dict[str, Any]) -> str:
+    """The README's table: per task and rule, adabatch beside the hindsight-best fixed batch, and the
+    fixed batches that diverged."""
+    lines = [MARKERS[0], "", "| task | rule | adabatch: reached, steps to target, final | hindsight-best fixed | "
+             "its steps to target, final | fixed batches that diverged |", "|---|---|---|---|---|---|"]
+    for key, rules in summary.items():
+        for rule, s in rules.items():
+            methods, best = s["methods"], s["hindsight_best"]
+            ada = methods["adabatch"]
+            ref = f"{_fmt(methods[best]['steps_to_target'])}, {_fmt(methods[best]['final'])}" if best else "-"
+            diverged = ", ".join(f"{m} ({v['diverged']} of {v['seeds']})" for m, v in methods.items()
+                                 if m != "adabatch" and v["diverged"]) or "none"
+            lines.append(f"| {key} | {rule} | {ada['reached']}/{ada['seeds']}, {_fmt(ada['steps_to_target'])}, "
+                         f"{_fmt(ada['final'])} | {best or 'none'} | {ref} | {diverged} |")
+    return "\n".join(lines + ["", MARKERS[1]])
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", choices=sorted(user_loop.TASKS), default=sorted(user_loop.TASKS))
+    p.add_argument("--rules", nargs="+", choices=BETA_RULES, default=["none", "beta2"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, help="also write the table into this README, between its beta-rule markers")
+    p.add_argument("--suite-workloads", nargs="+", choices=sorted(SUITES["full"]["workloads"]),
+                   help="run adabatch on these full-suite workloads instead of the user loop (see the docstring)")
+    args = p.parse_args(argv)
+    if args.suite_workloads:
+        return _suite(args)
+    methods = ["adabatch", *(f"fixed-{b}" for b in user_loop.FIXED)]
+    jobs = [(key, rule, m, s) for key in args.tasks for rule in args.rules for s in args.seeds for m in methods]
+    t0 = time.time()
+    runs = _pool(run_one, jobs, args.jobs, lambda r: f"{r['task']} {r['rule']} {r['method']} seed {r['seed']}: final "
+                 f"{r['final_metric']:.4g}, " + (f"target at step {r['steps_to_target']}" if r["reached_target"]
+                                                 else "target missed"))
+    results = {"seeds": args.seeds, "jobs": args.jobs, "minutes": (time.time() - t0) / 60, "runs": runs}
+    results["summary"] = summary(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "beta_rule.json"
+    path.write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "beta_rule.md").write_text(markdown(results))
+    print(markdown(results))
+    if args.readme is not None:
+        update_readme(args.readme, readme_block(results["summary"]), *MARKERS)
+    return path
+
+
+if __name__ == "__main__":
+    main()
