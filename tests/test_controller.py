@@ -144,6 +144,7 @@ def test_adam_betas_follow_the_batch_during_the_step_and_the_user_keeps_theirs(r
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert opt.param_groups[0]["betas"] == betas and opt.state_dict()["param_groups"][0]["betas"] == betas
+    assert ctl.stats()["beta_rule"] == rule
     if rule != "none":  # the same steps at the user's betas end elsewhere: the rule is what made them match
         plain = _mlp()
         opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.02, betas=betas)
