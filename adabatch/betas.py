@@ -69,10 +69,6 @@ class BetaScaler:
             raise ValueError(f"unknown beta rule {rule!r}; use one of {', '.join(BETA_RULES)}")
         self.rule, self.base_batch = rule, base_batch
 
-    def applies_to(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the rule changes anything for ``optimizer`` (a pair of numeric betas in its groups)."""
-        return self.rule != "none" and any(_pair_of_numbers(g.get("betas")) for g in optimizer.param_groups)
-
     def apply(self, optimizer: torch.optim.Optimizer, batch: int) -> list[Any] | None:
         """Set the betas for a step of ``batch`` samples; the user's values for :meth:`restore`, or None."""
         ratio = batch / self.base_batch

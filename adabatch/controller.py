@@ -525,7 +525,8 @@ class AdaptiveBatchController:
             "measure_interval": self.measure_interval, "batch_changes": len(self.decider.changes),
             "measure_share": self.measure_seconds / max(self.clock.seconds(), 1e-9),
             "skipped_steps": self.skipped_steps, "amp_skipped_steps": self.amp_skipped_steps,
-            "lr_rule": self.lr_rule, "beta_rule": self.config.beta_rule, "noise_kind": self.noise_kind, "measurement": self.measurement,
+            "lr_rule": self.lr_rule, "beta_rule": self.config.beta_rule, "noise_kind": self.noise_kind,
+            "measurement": self.measurement,
             "energy_source": getattr(self.energy_meter, "source", None),
         }
 

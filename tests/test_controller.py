@@ -164,7 +164,6 @@ def test_the_beta_rule_keeps_the_half_life_in_samples_and_leaves_optimizers_with
             assert math.log(0.5) / math.log(new) * ratio == pytest.approx(math.log(0.5) / math.log(old))
     sgd = torch.optim.SGD(_mlp().parameters(), lr=0.1, momentum=0.9)
     scaler = BetaScaler("both", base_batch=8)
-    assert not scaler.applies_to(sgd)
     saved = scaler.apply(sgd, 64)
     assert "betas" not in sgd.param_groups[0] and sgd.param_groups[0]["momentum"] == 0.9
     scaler.restore(sgd, saved)
