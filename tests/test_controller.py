@@ -626,11 +626,17 @@ def test_paused_time_is_left_out_of_the_training_clock():
 # ----------------------------------------------------------------------------- resume
 
 
-def _parts(seed: int = 0, micro: int = 16):
+def _parts(seed: int = 0, micro: int = 16, adam: bool = False):
+    """SGD at the default config, or (``adam``) AdamW with its betas following the batch."""
     model = _mlp(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if adam:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.005)
+        cfg = ControllerConfig(lr_warmup_samples=256, beta_rule="beta2")
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cfg = ControllerConfig(lr_warmup_samples=256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2000)
-    ctl = AdaptiveBatchController(model, opt, micro, ControllerConfig(lr_warmup_samples=256), scheduler=sched)
+    ctl = AdaptiveBatchController(model, opt, micro, cfg, scheduler=sched)
     return model, opt, sched, ctl
 
 
@@ -640,17 +646,18 @@ def _checkpoint(parts, sampler) -> dict:
                           "ctl": ctl.state_dict(), "sampler": sampler.state_dict()})
 
 
-def test_resume_reproduces_the_uninterrupted_trajectory_bit_for_bit_at_the_default_config():
+@pytest.mark.parametrize("adam", [False, True], ids=["default-sgd", "adamw-beta2"])
+def test_resume_reproduces_the_uninterrupted_trajectory_bit_for_bit_at_the_default_config(adam):
     x, y = _data(2048)
-    full = _parts()
+    full = _parts(adam=adam)
     _train(full[0], full[3], x, y, 300)
 
-    first = _parts()
+    first = _parts(adam=adam)
     sampler = _train(first[0], first[3], x, y, 137)
     saved = _checkpoint(first, sampler)
     head = [(r.batch, r.lr, r.b_simple) for r in first[3].history]
 
-    second = _parts(seed=123)  # different init: everything must come from the checkpoint
+    second = _parts(seed=123, adam=adam)  # different init: everything must come from the checkpoint
     second[0].load_state_dict(saved["model"])
     second[1].load_state_dict(saved["opt"])
     second[2].load_state_dict(saved["sched"])
@@ -665,6 +672,8 @@ def test_resume_reproduces_the_uninterrupted_trajectory_bit_for_bit_at_the_defau
     assert resumed == uninterrupted
     for p, q in zip(full[0].parameters(), second[0].parameters()):
         assert torch.equal(p, q)
+    if adam:  # the checkpoint holds the user's betas, not a step's scaled ones
+        assert saved["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
 
 
 def test_state_dict_mid_step_is_refused():
