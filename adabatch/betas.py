@@ -26,7 +26,8 @@ Rules (``ControllerConfig.beta_rule``):
 
 As with the learning rate (:mod:`adabatch.lr`), the betas are set only for the duration of
 ``optimizer.step()`` and restored right after, so ``param_groups`` and the optimizer's state dict
-hold the user's values. Optimizers whose groups have no ``betas`` pair of numbers are left alone.
+hold the user's values. A rule set for an optimizer without a ``betas`` pair of numbers (SGD, or
+tensor betas) is a :class:`~adabatch.config.ConfigError`; groups without one are left alone.
 
 Example:
     >>> [round(b, 4) for b in scaled_betas((0.9, 0.999), 4.0, "beta2")]
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from adabatch.config import BETA_RULES
+from adabatch.config import BETA_RULES, ConfigError
 
 
 def scaled_betas(betas: tuple[float, float], ratio: float, rule: str) -> tuple[float, float]:
@@ -68,6 +69,13 @@ class BetaScaler:
         if rule not in BETA_RULES:
             raise ValueError(f"unknown beta rule {rule!r}; use one of {', '.join(BETA_RULES)}")
         self.rule, self.base_batch = rule, base_batch
+
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        """A clear error when the rule is set for an optimizer it cannot act on (no numeric betas)."""
+        if self.rule != "none" and not any(_pair_of_numbers(g.get("betas")) for g in optimizer.param_groups):
+            raise ConfigError(f"ControllerConfig.beta_rule={self.rule!r} needs an optimizer with a pair of numeric "
+                              f"betas in its parameter groups (Adam, AdamW, NAdam, RAdam, Adamax, ...), not "
+                              f"{type(optimizer).__name__}; use 'none'.")
 
     def apply(self, optimizer: torch.optim.Optimizer, batch: int) -> list[Any] | None:
         """Set the betas for a step of ``batch`` samples; the user's values for :meth:`restore`, or None."""

@@ -171,6 +171,7 @@ class AdaptiveBatchController:
         self.lr_rule = resolve_rule(config.lr_rule, optimizer)
         self.lr = LRScaler(self.lr_rule, self.base_batch, config.lr_warmup_samples)
         self.betas = BetaScaler(config.beta_rule, self.base_batch)
+        self.betas.check(optimizer)
         self.schedule = None if scheduler is None else ScheduleFollower(scheduler, self.base_batch, config.schedule)
         self.estimator = NoiseScaleEstimator(config.window_fraction, config.min_window)
         self.policy: BatchPolicy = policy if policy is not None else make_policy(config)

@@ -170,6 +170,9 @@ def test_the_beta_rule_keeps_the_half_life_in_samples_and_leaves_optimizers_with
     assert "betas" not in sgd.param_groups[0]
     with pytest.raises(ConfigError, match="beta_rule"):
         ControllerConfig(beta_rule="cubic")
+    model = _mlp()  # a rule SGD cannot follow is one clear error, not a silent no-op
+    with pytest.raises(ConfigError, match="beta_rule='beta2' needs an optimizer with a pair of numeric betas"):
+        AdaptiveBatchController(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, ControllerConfig(beta_rule="beta2"))
 
 
 def test_a_schedule_sized_for_the_base_batch_ends_when_the_samples_do_whatever_the_batch():
