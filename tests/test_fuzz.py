@@ -245,7 +245,7 @@ def cli_world(fuzz_dir):
     (fuzz_dir / "broken.toml").write_text("[study\n")
     code, _, err = run_main(["study", "run", str(ok), "--storage", url, "--no-progress"])
     assert code == 0, err
-    return {"url": url, "files": [str(ok), str(fuzz_dir / "broken.toml"), str(fuzz_dir / "missing.toml"),
+    return {"url": url, "dir": fuzz_dir, "files": [str(ok), str(fuzz_dir / "broken.toml"), str(fuzz_dir / "missing.toml"),
                                   str(fuzz_dir)],
             "outputs": [str(fuzz_dir / "cfg.json"), str(fuzz_dir / "missing" / "cfg.json"), str(ok),
                         str(fuzz_dir)]}
@@ -276,8 +276,9 @@ def command_lines(draw, world: dict) -> list[str]:
 
 @fuzz_settings()
 @given(st.data())
-def test_every_command_line_succeeds_or_fails_in_one_line(cli_world, data):
+def test_every_command_line_succeeds_or_fails_in_one_line(cli_world, monkeypatch, data):
     CASES["command_line"] += 1
+    monkeypatch.chdir(cli_world["dir"])  # "-o 2" writes ./2: into the scratch folder, never the working tree
     argv = data.draw(command_lines(cli_world))
     before = set(optuna.get_all_study_names(storage=cli_world["url"]))
     code, out, err = run_main(argv)
